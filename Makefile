@@ -1,0 +1,44 @@
+# `make help` lists the targets. Everything runs inside .venv (created by `make setup`).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(abspath .prefect)
+PYTEST_ARGS ?=
+NPROC ?= 2
+
+.DEFAULT_GOAL := help
+.PHONY: help setup pipeline test bench ui clean tutorial pytorch-example
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1 -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv with pip (torch, DVC, MLflow, Prefect, ...) and install the package
+
+pipeline: setup ## run download -> train -> evaluate -> register with `dvc repro`
+	dvc repro
+
+test: setup ## run the whole test suite (slow end-to-end tests included)
+	pytest $(PYTEST_ARGS)
+
+bench: setup ## measure training speed against a DataLoader baseline; writes reports/bench.json
+	python -m vae_mlops bench
+
+clean: ## remove outputs that can be rebuilt (keeps .venv, data and the DVC cache)
+	rm -rf reports models/vae.pt models/checkpoints
+
+tutorial: setup ## the tutorial's setting as a DVC experiment: 784-200-10, gaussian, 100 epochs
+	dvc exp run -S model.hidden_dim=200 -S model.latent_dim=10 -S model.likelihood=gaussian \
+		-S train.batch_size=128 -S train.lr=0.001 -S train.epochs=100 -S train.image_every=10
+
+pytorch-example: setup ## the PyTorch example's setting as a DVC experiment: 784-400-20, bernoulli, 10 epochs
+	dvc exp run -S model.hidden_dim=400 -S model.latent_dim=20 -S model.likelihood=bernoulli \
+		-S train.batch_size=128 -S train.lr=0.001 -S train.epochs=10

@@ -1,0 +1,80 @@
+"""Every artifact path, defined once; `dvc.yaml` must agree (tests/test_paths.py checks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Artifact locations below a project root (the folder holding `dvc.yaml`)."""
+
+    root: Path = Path(".")
+
+    @property
+    def params_file(self) -> Path:
+        return self.root / "params.yaml"
+
+    # download
+    def raw_dir(self, dataset: str) -> Path:
+        return self.root / "data" / "raw" / dataset
+
+    def image_table(self, dataset: str) -> Path:
+        return self.raw_dir(dataset) / "images.parquet"
+
+    def data_manifest(self, dataset: str) -> Path:
+        return self.raw_dir(dataset) / "manifest.json"
+
+    # train
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def model_file(self) -> Path:
+        return self.models_dir / "vae.pt"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.models_dir / "checkpoints"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def history_file(self) -> Path:
+        return self.reports_dir / "train_history.csv"
+
+    @property
+    def train_images_dir(self) -> Path:
+        return self.reports_dir / "train"
+
+    @property
+    def train_run_file(self) -> Path:
+        """The MLflow run the train stage opened; later stages log into the same run."""
+        return self.reports_dir / "mlflow_run.json"
+
+    # evaluate
+    @property
+    def metrics_file(self) -> Path:
+        return self.reports_dir / "metrics.json"
+
+    @property
+    def eval_images_dir(self) -> Path:
+        return self.reports_dir / "evaluate"
+
+    # register
+    @property
+    def registration_file(self) -> Path:
+        return self.reports_dir / "registration.json"
+
+    @property
+    def promotion_log(self) -> Path:
+        return self.reports_dir / "promotions.jsonl"
+
+    # benchmark
+    @property
+    def bench_file(self) -> Path:
+        return self.reports_dir / "bench.json"

@@ -1,0 +1,204 @@
+"""The pipeline's stages: each a function of (params, paths) -> files and metrics.
+
+One definition of each stage; `cli.py` (what `dvc.yaml` runs) and the Prefect
+flows in `pipeline/` are thin runners over these functions. No argument
+parsing, tracking-URI setup or work at import time here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from vae_mlops import atomic, checkpoint, data, images
+from vae_mlops.datasets import get_dataset
+from vae_mlops.model import VAE, VAEConfig
+from vae_mlops.params import DataParams, Params
+from vae_mlops.paths import Paths
+from vae_mlops.train import (
+    EpochStats,
+    TrainState,
+    fit,
+    make_optimizer,
+    resolve_device,
+    split_train_val,
+    to_unit_float,
+)
+
+log = logging.getLogger(__name__)
+
+CODE_FILES = ("model.py", "train.py")  # a change here invalidates resumable checkpoints
+
+
+# ---------------------------------------------------------------- download
+
+
+def download(cfg: DataParams, paths: Paths) -> dict:
+    """Fetch and verify the dataset's four IDX files into `data/raw/<dataset>/`.
+
+    Valid files already present are kept and nothing is downloaded.
+    """
+    spec = get_dataset(cfg.dataset)
+    raw_dir = paths.raw_dir(cfg.dataset)
+    if data.is_present(raw_dir, spec):
+        log.info("%s already present and verified in %s: nothing downloaded", spec.name, raw_dir)
+        return data.read_manifest(raw_dir)
+    mirrors = data.mirror_list(spec)
+    fetched = []
+    for file in spec.files:
+        got = data.fetch_file(file, spec, mirrors, cfg.timeout_s, cfg.retries)
+        log.info("%s: %d bytes from %s, sha256 ok", file.name, len(got.content), got.source)
+        fetched.append(got)
+    manifest = data.write_dataset(raw_dir, spec, fetched)
+    log.info("%s written to %s (data hash %s)", spec.name, raw_dir, manifest["data_hash"][:12])
+    return manifest
+
+
+# ---------------------------------------------------------------- train
+
+
+class RunLogger(Protocol):
+    """Where the train stage reports each epoch (MLflow in production, nothing in unit tests)."""
+
+    def log_epoch(self, stats: EpochStats) -> None: ...
+
+    def log_images(self, grids: dict[str, Tensor], step: int) -> None: ...
+
+
+class NullLogger:
+    def log_epoch(self, stats: EpochStats) -> None:
+        pass
+
+    def log_images(self, grids: dict[str, Tensor], step: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The training and validation tensors on the device, and the data's identity."""
+
+    x_train: Tensor
+    x_val: Tensor
+    manifest: dict
+
+
+def load_train_data(params: Params, paths: Paths, device: torch.device) -> TrainData:
+    """Load the training split once into one float tensor on the device and hold out `val_size`."""
+    spec = get_dataset(params.data.dataset)
+    raw_dir = paths.raw_dir(params.data.dataset)
+    manifest = data.read_manifest(raw_dir)
+    images_u8, _ = data.load_split(raw_dir, spec, "train")
+    train_idx, val_idx = split_train_val(len(images_u8), params.train.val_size, params.train.seed)
+    x = to_unit_float(images_u8, device)
+    return TrainData(x[train_idx], x[val_idx], manifest)
+
+
+def code_hash() -> str:
+    here = Path(__file__).parent
+    return atomic.sha256_bytes(b"".join((here / f).read_bytes() for f in CODE_FILES))
+
+
+def checkpoint_key(params: Params, data_hash: str, device: torch.device) -> str:
+    """Same model, training params (but epochs and image cadence), data, device and code."""
+    train = {k: v for k, v in asdict(params.train).items() if k not in ("epochs", "image_every", "device")}
+    identity = {
+        "model": asdict(params.model),
+        "train": train,
+        "device": device.type,
+        "data_hash": data_hash,
+        "code": code_hash(),
+    }
+    return checkpoint.run_key(identity)
+
+
+def build_state(params: Params, device: torch.device) -> TrainState:
+    """A fresh model, optimiser and noise generator, all seeded by `train.seed`."""
+    torch.manual_seed(params.train.seed)
+    config = VAEConfig(784, params.model.hidden_dim, params.model.latent_dim, params.model.likelihood)
+    model = VAE(config).to(device)
+    noise = torch.Generator(device=device).manual_seed(params.train.seed)
+    return TrainState(model, make_optimizer(model, params.train.lr, device), noise)
+
+
+def restore(state: TrainState, ckpt: dict) -> None:
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.noise.set_state(ckpt["noise_rng"].cpu() if state.noise.device.type == "cpu" else ckpt["noise_rng"])
+    state.epoch = int(ckpt["epoch"])
+    state.history = list(ckpt["history"])
+
+
+def checkpoint_payload(state: TrainState, params: Params, data_hash: str) -> dict:
+    return {
+        "format": 1,
+        "epoch": state.epoch,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "noise_rng": state.noise.get_state(),
+        "history": state.history,
+        "config": state.model.config.to_dict(),
+        "params": params.to_dict(),
+        "data_hash": data_hash,
+    }
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(EpochStats.__dataclass_fields__), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic.write_text(path, buf.getvalue())
+
+
+def write_grids(model: VAE, x_val: Tensor, paths: Paths, seed: int) -> dict[str, Tensor]:
+    grids = {"samples": images.sample_grid(model, seed=seed), "reconstructions": images.reconstruction_grid(model, x_val)}
+    for name, grid in grids.items():
+        images.save_png(grid, paths.train_images_dir / f"{name}.png")
+    return grids
+
+
+def train(params: Params, paths: Paths, logger: RunLogger | None = None) -> dict:
+    """Train the VAE, resuming from a checkpoint of the same run key; write `models/vae.pt`."""
+    logger = logger or NullLogger()
+    cfg = params.train
+    device = resolve_device(cfg.device)
+    td = load_train_data(params, paths, device)
+    data_hash = td.manifest["data_hash"]
+    key = checkpoint_key(params, data_hash, device)
+    state = build_state(params, device)
+    ckpt = checkpoint.latest_good(paths.checkpoints_dir, key)
+    if ckpt is not None:
+        restore(state, ckpt)
+        log.info("resuming from checkpoint %s epoch %d", key, state.epoch)
+        for row in state.history:  # a new run (or a rerun after a tracking fault) still gets every epoch
+            logger.log_epoch(EpochStats(**row))
+
+    def on_epoch(stats: EpochStats, st: TrainState) -> None:
+        checkpoint.save_epoch(paths.checkpoints_dir, key, st.epoch, checkpoint_payload(st, params, data_hash))
+        write_history(paths.history_file, st.history)
+        if st.epoch % cfg.image_every == 0 or st.epoch == cfg.epochs:
+            logger.log_images(write_grids(st.model, td.x_val, paths, cfg.seed), st.epoch)
+        logger.log_epoch(stats)
+        log.info(
+            "epoch %d/%d  train %.2f (recon %.2f, kl %.2f)  val %.2f  %.2fs",
+            stats.epoch, cfg.epochs, stats.train_loss, stats.train_recon, stats.train_kl, stats.val_loss, stats.seconds,
+        )  # fmt: skip
+
+    log.info("training on %s: %d train, %d val images, run key %s", device, len(td.x_train), len(td.x_val), key)
+    history = fit(state, td.x_train, td.x_val, cfg, params.model.likelihood, on_epoch)
+    if not paths.history_file.exists() or ckpt is not None:
+        write_history(paths.history_file, history)
+        write_grids(state.model, td.x_val, paths, cfg.seed)
+    payload = checkpoint.model_payload(
+        state.model, params=params.to_dict(), data_hash=data_hash, history=history, epoch=state.epoch
+    )
+    checkpoint.save(paths.model_file, payload, sidecar=False)
+    final = history[-1]
+    return {"epochs": state.epoch, "val_loss": final["val_loss"], "device": str(device), "data_hash": data_hash}

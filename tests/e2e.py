@@ -1,0 +1,51 @@
+"""Helpers for end-to-end tests: a temporary copy of the project, run with the real tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import ROOT, tiny_raw_params
+
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "src", "pipeline"]
+
+
+def copy_project(dest: Path, **overrides) -> Path:
+    """A fresh git + DVC repo holding the project's pipeline files and tiny params."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    (dest / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(**overrides), sort_keys=False))
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dest, check=True)
+    return dest
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """The environment a user's shell has after `make setup`: .venv/bin first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 600):
+    proc = subprocess.run(cmd, cwd=cwd, env=env or tool_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def dvc(*args: str, cwd: Path, env: dict | None = None, check: bool = True):
+    return run([str(Path(sys.executable).parent / "dvc"), *args], cwd, env, check)
