@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 NPROC ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup pipeline test bench ui clean tutorial pytorch-example
+.PHONY: help setup pipeline test bench ui history train-ddp flow serve clean tutorial pytorch-example
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -30,7 +30,24 @@ test: setup ## run the whole test suite (slow end-to-end tests included)
 	pytest $(PYTEST_ARGS)
 
 bench: setup ## measure training speed against a DataLoader baseline; writes reports/bench.json
-	python -m vae_mlops bench
+	python -m vae_mlops.bench
+
+UI_PORT ?= 5000
+ui: setup ## the MLflow UI on http://127.0.0.1:$(UI_PORT) (runs, images, registered models)
+	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --default-artifact-root $(abspath mlartifacts) \
+		--host 127.0.0.1 --port $(UI_PORT)
+
+history: setup ## the Model Registry's promotion log: who was champion when
+	python -m vae_mlops registry history
+
+train-ddp: setup ## data-parallel training on this machine: make train-ddp NPROC=2
+	torchrun --standalone --nproc_per_node=$(NPROC) -m vae_mlops train
+
+flow: setup ## the whole pipeline as a Prefect flow on Prefect's ephemeral API
+	python -m pipeline.flows
+
+serve: setup ## scheduled retraining on this machine against a local Prefect server on 127.0.0.1
+	python -m pipeline.serve
 
 clean: ## remove outputs that can be rebuilt (keeps .venv, data and the DVC cache)
 	rm -rf reports models/vae.pt models/checkpoints

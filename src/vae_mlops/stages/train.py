@@ -1,9 +1,4 @@
-"""The pipeline's stages: each a function of (params, paths) -> files and metrics.
-
-One definition of each stage; `cli.py` (what `dvc.yaml` runs) and the Prefect
-flows in `pipeline/` are thin runners over these functions. No argument
-parsing, tracking-URI setup or work at import time here.
-"""
+"""The train stage: load the split onto the device, resume or start, checkpoint every epoch."""
 
 from __future__ import annotations
 
@@ -20,7 +15,7 @@ from torch import Tensor
 from vae_mlops import atomic, checkpoint, data, images
 from vae_mlops.datasets import get_dataset
 from vae_mlops.model import VAE, VAEConfig
-from vae_mlops.params import DataParams, Params
+from vae_mlops.params import Params
 from vae_mlops.paths import Paths
 from vae_mlops.train import (
     EpochStats,
@@ -35,34 +30,6 @@ from vae_mlops.train import (
 log = logging.getLogger(__name__)
 
 CODE_FILES = ("model.py", "train.py")  # a change here invalidates resumable checkpoints
-
-
-# ---------------------------------------------------------------- download
-
-
-def download(cfg: DataParams, paths: Paths) -> dict:
-    """Fetch and verify the dataset's four IDX files into `data/raw/<dataset>/`.
-
-    Valid files already present are kept and nothing is downloaded.
-    """
-    spec = get_dataset(cfg.dataset)
-    raw_dir = paths.raw_dir(cfg.dataset)
-    if data.is_present(raw_dir, spec):
-        log.info("%s already present and verified in %s: nothing downloaded", spec.name, raw_dir)
-        return data.read_manifest(raw_dir)
-    mirrors = data.mirror_list(spec)
-    fetched = []
-    for file in spec.files:
-        got = data.fetch_file(file, spec, mirrors, cfg.timeout_s, cfg.retries)
-        log.info("%s: %d bytes from %s, sha256 ok", file.name, len(got.content), got.source)
-        fetched.append(got)
-    manifest = data.write_dataset(raw_dir, spec, fetched)
-    log.info("%s written to %s (data hash %s)", spec.name, raw_dir, manifest["data_hash"][:12])
-    return manifest
-
-
-# ---------------------------------------------------------------- train
-
 
 class RunLogger(Protocol):
     """Where the train stage reports each epoch (MLflow in production, nothing in unit tests)."""
@@ -101,7 +68,7 @@ def load_train_data(params: Params, paths: Paths, device: torch.device) -> Train
 
 
 def code_hash() -> str:
-    here = Path(__file__).parent
+    here = Path(__file__).parents[1]
     return atomic.sha256_bytes(b"".join((here / f).read_bytes() for f in CODE_FILES))
 
 
