@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
+import numpy as np
 import pytest
 import yaml
 
 from e2e import copy_project, dvc
+from mlflow_store import fresh_store
+from vae_mlops import tracking
+from vae_mlops.metrics import METRIC_KEYS
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +20,18 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def repo(data_env, tmp_path, monkeypatch):
     monkeypatch.setenv("VAE_DATA_MIRROR", f"file://{data_env}")
-    return copy_project(tmp_path / "repo", **{"train.epochs": 1})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own sqlite store
+    repo = copy_project(tmp_path / "repo", **{"train.epochs": 1})
+    fresh_store(repo)  # an already-migrated mlflow.db: saves MLflow's schema migrations on each run
+    return repo
+
+
+def _mlflow_run(repo):
+    """The pipeline's MLflow run, as recorded by the train stage, read from the repo's store."""
+    recorded = json.loads((repo / "reports" / "mlflow_run.json").read_text())
+    assert recorded["tracking_uri"] == f"sqlite:///{(repo / 'mlflow.db').resolve()}"
+    client = tracking._client(recorded["tracking_uri"])
+    return client, client.get_run(recorded["run_id"])
 
 
 def test_dvc_repro_runs_the_pipeline_and_a_second_run_does_nothing(repo):
@@ -23,7 +39,30 @@ def test_dvc_repro_runs_the_pipeline_and_a_second_run_does_nothing(repo):
     assert (repo / "models" / "vae.pt").is_file()
     assert (repo / "data" / "raw" / "tiny" / "images.parquet").is_file()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert {"download", "train"} <= set(lock)
+    assert {"download", "train", "evaluate", "register"} <= set(lock)
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert set(METRIC_KEYS) <= set(metrics)
+    assert "test.nll_iwae" in dvc("metrics", "show", cwd=repo).stdout
+    assert {p.stem for p in (repo / "reports" / "evaluate").glob("*.png")} >= {"latent_map", "loss_curves"}
+
+    # One MLflow run holds params, per-epoch metrics, images, test metrics; its model is the champion.
+    client, run = _mlflow_run(repo)
+    assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "1"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1]
+    assert set(METRIC_KEYS) <= set(run.data.metrics)
+    assert any(a.path.endswith(".png") for a in client.list_artifacts(run.info.run_id, "images"))
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")} >= {"evaluate/latent_map.png"}
+    registration = json.loads((repo / "reports" / "registration.json").read_text())
+    assert (registration["version"], registration["alias"]) == ("1", "champion")
+    champion = client.get_model_version_by_alias("vae-mnist", "champion")
+    assert champion.run_id == run.info.run_id and champion.tags["data.dataset"] == "tiny"
+
+    import mlflow
+
+    x = np.random.default_rng(0).random((3, 784), dtype=np.float32)
+    with tracking.use_store(f"sqlite:///{repo / 'mlflow.db'}"):
+        model = mlflow.pyfunc.load_model("models:/vae-mnist@champion")
+    assert model.predict(x).shape == (3, 784) and model.predict(x, params={"output": "mu"}).shape == (3, 4)
     assert lock["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
     outs = {o["path"] for o in lock["train"]["outs"]}
     assert {"models/vae.pt", "models/checkpoints", "reports/train_history.csv"} <= outs
@@ -52,3 +91,8 @@ def test_changing_a_param_reruns_training_only(repo):
     out = dvc("repro", cwd=repo)
     text = out.stdout + out.stderr
     assert "Stage 'download' didn't change, skipping" in text and "Running stage 'train'" in text
+    # A new MLflow run and a second version that went through the gate; the promotion log kept both lines.
+    decisions = [json.loads(line) for line in (repo / "reports" / "promotions.jsonl").read_text().splitlines()]
+    assert [d["version"] for d in decisions] == ["1", "2"] and decisions[1]["champion_version"] == "1"
+    assert len({d["run_id"] for d in decisions}) == 2
+    assert "up to date" in dvc("status", cwd=repo).stdout

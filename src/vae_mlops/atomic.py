@@ -12,19 +12,39 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, quota, permissions); the previous one is intact."""
+
+
+@contextlib.contextmanager
+def _named_write_errors(target: Path) -> Iterator[None]:
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise WriteError(
+            exc.errno,
+            f"could not write {target}: {exc.strerror or exc}. Free disk space (or fix permissions) and rerun; "
+            f"the previous {target.name}, if any, is intact",
+        ) from exc
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it over `target` only on success."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    with _named_write_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, target)
+        with _named_write_errors(target):
+            yield tmp_path
+            with open(tmp_path, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -52,17 +72,24 @@ def write_with(target: Path, writer: Callable[[Path], None]) -> None:
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; swap it in only when the block succeeds."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the data is for every user
+    with _named_write_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the data is for every user
     try:
-        yield tmp
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        with _named_write_errors(target):
+            yield tmp
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            if target.exists():
+                os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if old.exists():
+                    os.replace(old, target)  # put the previous version back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -15,12 +15,15 @@ from typing import Callable
 
 import yaml
 
-from vae_mlops import stages
+from vae_mlops import data, registry, stages, tracking
 from vae_mlops.checkpoint import CheckpointError
 from vae_mlops.data import DataError
+from vae_mlops.metrics import MetricsError
 from vae_mlops.params import ParamsError, load_params
 from vae_mlops.paths import Paths
-from vae_mlops.train import DeviceError, TrainingDiverged
+from vae_mlops.registry import RegistryError
+from vae_mlops.tracking import TrackingError
+from vae_mlops.train import DeviceError, TrainingDiverged, resolve_device
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     ParamsError,
@@ -28,6 +31,9 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     DeviceError,
     TrainingDiverged,
     CheckpointError,
+    TrackingError,
+    MetricsError,
+    RegistryError,
 )
 
 log = logging.getLogger("vae_mlops")
@@ -51,16 +57,55 @@ def _cmd_download(args: argparse.Namespace) -> dict:
 
 def _cmd_train(args: argparse.Namespace) -> dict:
     params = load_params(args.params, _overrides(args.set))
-    return stages.train(params, Paths(args.root), _train_logger(params, Paths(args.root)))
+    paths = Paths(args.root)
+    if tracking.is_logging_rank():
+        tracking.connect(paths)  # an unreachable server fails here, before any data is read
+    device = resolve_device(params.train.device)
+    manifest = data.read_manifest(paths.raw_dir(params.data.dataset))
+    with tracking.train_run(params, paths, str(device), manifest) as logger:
+        return stages.train(params, paths, logger)
 
 
-def _train_logger(params, paths):  # replaced by the MLflow logger once tracking is wired
+def _cmd_evaluate(args: argparse.Namespace) -> dict:
+    params = load_params(args.params, _overrides(args.set))
+    paths = Paths(args.root)
+    with tracking.stage_run(paths) as run:
+        return stages.evaluate(params, paths, run)
+
+
+def _cmd_register(args: argparse.Namespace) -> dict:
+    params = load_params(args.params, _overrides(args.set))
+    paths = Paths(args.root)
+    with tracking.stage_run(paths) as run:
+        result = stages.register(params, paths, run)
+    print(f"{result['model_name']} v{result['version']} -> {result['alias']}: {result['reason']}", file=sys.stderr)
+    return result
+
+
+def _cmd_registry(args: argparse.Namespace) -> None:
+    """`registry history`: the promotion log as a table (this repo's log, or every version's tag)."""
+    from rich.console import Console
+
+    paths = Paths(args.root)
+    if args.registry:
+        params = load_params(args.params, _overrides(args.set))
+        reg = tracking.ModelRegistry(params.register.model_name, tracking.connect(paths))
+        rows, title = registry.registry_history(reg), f"promotions of {reg.name} (registry tags)"
+    else:
+        rows, title = registry.read_log(paths.promotion_log), f"promotions ({paths.promotion_log})"
+    if not rows:
+        print(f"no promotions recorded yet ({'registry' if args.registry else paths.promotion_log})")
+        return None
+    Console(width=max(160, Console().width)).print(registry.history_table(rows, title))
     return None
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace], dict | None]] = {
     "download": _cmd_download,
     "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "register": _cmd_register,
+    "registry": _cmd_registry,
 }
 
 
@@ -71,8 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     parser = argparse.ArgumentParser(prog="python -m vae_mlops", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
+    for name in ("download", "train", "evaluate", "register"):
         sub.add_parser(name, parents=[common], help=f"run the {name} stage")
+    reg = sub.add_parser("registry", parents=[common], help="the Model Registry: `registry history`")
+    reg.add_argument("action", choices=["history"], help="history: who was champion when, and why")
+    reg.add_argument("--registry", action="store_true", help="read every version's tag, not reports/promotions.jsonl")
     return parser
 
 

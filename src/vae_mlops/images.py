@@ -1,15 +1,25 @@
-"""Pictures of a model: sample and reconstruction grids, made with torchvision's grid utilities."""
+"""Pictures of a model: sample, reconstruction and interpolation grids; latent map and loss curves.
+
+Grids are made with torchvision's `make_grid`/`save_image`; plots with matplotlib.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no global
+backend state), and every file is written atomically.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from vae_mlops import atomic
 from vae_mlops.model import VAE
+from vae_mlops.params import EvaluateParams
 
 SIDE = 28
 
@@ -45,3 +55,112 @@ def save_png(grid: Tensor, path: Path) -> Path:
 def to_hwc_uint8(grid: Tensor):
     """(3, H, W) float grid -> (H, W, 3) uint8 numpy, the form `mlflow.log_image` takes."""
     return grid.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+
+
+# ---------------------------------------------------------------- evaluation pictures
+
+EVAL_PICTURES = ("latent_map", "interpolation", "samples", "reconstructions", "loss_curves")
+_METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE"}
+TSNE_SAMPLE = 2000  # t-SNE is quadratic in the points: map a seeded subsample of this many
+INTERPOLATION_ROWS, INTERPOLATION_STEPS = 8, 10
+
+
+@torch.no_grad()
+def interpolation_grid(
+    model: VAE, x: Tensor, labels: Tensor, rows: int = INTERPOLATION_ROWS, steps: int = INTERPOLATION_STEPS
+) -> Tensor:
+    """Each row decodes (1 - t) mu_a + t mu_b for t on [0, 1]: from a digit of one class to the next class's."""
+    a, b = _pairs(labels, rows)
+    mu, _ = model.encode(x[torch.cat([a, b])])
+    mu_a, mu_b = mu[: len(a)], mu[len(a) :]  # (R, L)
+    t = torch.linspace(0, 1, steps, device=mu.device).view(1, steps, 1)
+    z = (1 - t) * mu_a[:, None] + t * mu_b[:, None]  # (R, S, L)
+    return make_grid(_as_images(model.decode(z.flatten(0, 1))), nrow=steps, padding=2)
+
+
+def _pairs(labels: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """Index pairs (first image of class c, first image of the next class), cycling through the classes."""
+    labels = labels.cpu()
+    classes = labels.unique()  # sorted
+    first = torch.stack([(labels == c).nonzero()[0, 0] for c in classes])
+    r = torch.arange(rows) % len(classes)
+    return first[r], first[(r + 1) % len(classes)]
+
+
+def latent_map(mu: Tensor, labels: Tensor, method: str, seed: int) -> Figure:
+    """2-D map of the latent means coloured by label: PCA of all, or t-SNE of a seeded subsample."""
+    from sklearn.decomposition import PCA  # imported here: seconds to load, and the train stage needs none of it
+    from sklearn.manifold import TSNE
+
+    points, labels = mu.detach().cpu().double().numpy(), labels.detach().cpu().numpy()
+    if points.shape[1] < 2:  # a 1-D latent: plot it against zero
+        points = np.concatenate([points, np.zeros_like(points)], axis=1)
+    if method == "tsne":
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.permutation(len(points))[:TSNE_SAMPLE])
+        points, labels = points[keep], labels[keep]
+        perplexity = min(30.0, (len(points) - 1) / 3)
+        xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
+        axes_names = ("t-SNE 1", "t-SNE 2")
+    elif method == "pca":
+        pca = PCA(2, random_state=seed).fit(points)
+        xy = pca.transform(points)
+        axes_names = tuple(f"PC{i + 1} ({v:.0%} of variance)" for i, v in enumerate(pca.explained_variance_ratio_))
+    else:
+        raise ValueError(f"unknown latent map {method!r} (pca | tsne)")
+    fig = Figure(figsize=(6, 5.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    scatter = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=3, alpha=0.7, linewidths=0)
+    fig.colorbar(scatter, ax=ax, label="label", ticks=np.unique(labels))
+    title = f"latent means ({_METHOD_NAMES[method]}, {len(xy)} test images)"
+    ax.set(xlabel=axes_names[0], ylabel=axes_names[1], title=title)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(history: list[dict]) -> Figure:
+    """Loss per epoch (train and validation), and its reconstruction and KL parts where recorded."""
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    loss_ax, parts_ax = fig.subplots(1, 2)
+    epochs = [row["epoch"] for row in history]
+    curves = ((loss_ax, "loss", "C0"), (parts_ax, "recon", "C0"), (parts_ax, "kl", "C1"))
+    for ax, part, colour in curves:  # colour: the quantity; line style: the split
+        for split, style in (("train", "-"), ("val", "--")):
+            key = f"{split}_{part}"
+            if history and key in history[0]:
+                ax.plot(epochs, [row[key] for row in history], style, color=colour, marker="o", ms=3, label=key)
+    for ax in (loss_ax, parts_ax):
+        ax.set(xlabel="epoch", ylabel="nats per image")
+        if ax.lines:
+            ax.legend()
+    loss_ax.set_title("loss = recon + beta * KL")
+    parts_ax.set_title("reconstruction and KL")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically."""
+    atomic.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return path
+
+
+@torch.no_grad()
+def eval_pictures(
+    model: VAE, x: Tensor, labels: Tensor, history: list[dict], cfg: EvaluateParams, out_dir: Path
+) -> dict[str, Path]:
+    """Write the five evaluation pictures of `EVAL_PICTURES` as `<name>.png` under `out_dir`; name -> path."""
+    model.eval()
+    device = next(model.parameters()).device
+    x = x.to(device=device, dtype=torch.float32)
+    mu = torch.cat([model.encode(xb)[0].cpu() for xb in x.split(cfg.batch_size)])
+    out_dir = Path(out_dir)
+    return {
+        "latent_map": save_figure(latent_map(mu, labels, cfg.latent_map, cfg.seed), out_dir / "latent_map.png"),
+        "interpolation": save_png(interpolation_grid(model, x, labels), out_dir / "interpolation.png"),
+        "samples": save_png(sample_grid(model, seed=cfg.seed), out_dir / "samples.png"),
+        "reconstructions": save_png(reconstruction_grid(model, x), out_dir / "reconstructions.png"),
+        "loss_curves": save_figure(loss_curves(history), out_dir / "loss_curves.png"),
+    }

@@ -83,6 +83,10 @@ class TrainParams:
     val_size: int = _check(_positive)
     image_every: int = _check(_positive)
     precision: str = _check(_one_of(*PRECISIONS))
+    fused: bool = _check(lambda v: None)  # float32 step with a hand-written backward; bf16/compile use autograd
+    compile: bool = _check(lambda v: None)
+    cuda_graphs: bool = _check(lambda v: None)
+    threads: int = _check(_non_negative)  # 0: torch's default (OMP_NUM_THREADS under torchrun)
     distributed: bool = _check(lambda v: None)
 
 

@@ -74,6 +74,15 @@ class Paths:
     def promotion_log(self) -> Path:
         return self.reports_dir / "promotions.jsonl"
 
+    # tracking: the embedded MLflow store (MLFLOW_TRACKING_URI points elsewhere)
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts_dir(self) -> Path:
+        return self.root / "mlartifacts"
+
     # benchmark
     @property
     def bench_file(self) -> Path:

@@ -1,4 +1,9 @@
-"""The train stage: load the split onto the device, resume or start, checkpoint every epoch."""
+"""The train stage: load the split onto the device, resume or start, checkpoint every epoch.
+
+Under DDP (`torchrun`, or `train.distributed: true`) every rank runs this function:
+all ranks load the data and resume from the checkpoint rank 0 found, and only rank 0
+writes checkpoints, the model, the history and the pictures, and talks to the logger.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,12 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from vae_mlops import atomic, checkpoint, data, images
+from vae_mlops import atomic, checkpoint, data, distributed, images
 from vae_mlops.datasets import get_dataset
 from vae_mlops.model import VAE, VAEConfig
 from vae_mlops.params import Params
 from vae_mlops.paths import Paths
+from vae_mlops.distributed import Single
 from vae_mlops.train import (
     EpochStats,
     TrainState,
@@ -72,13 +78,20 @@ def code_hash() -> str:
     return atomic.sha256_bytes(b"".join((here / f).read_bytes() for f in CODE_FILES))
 
 
-def checkpoint_key(params: Params, data_hash: str, device: torch.device) -> str:
-    """Same model, training params (but epochs and image cadence), data, device and code."""
-    train = {k: v for k, v in asdict(params.train).items() if k not in ("epochs", "image_every", "device")}
+NOT_IN_KEY = ("epochs", "image_every", "device", "threads", "distributed")  # change no result
+
+
+def checkpoint_key(params: Params, data_hash: str, device: torch.device, world_size: int = 1) -> str:
+    """Same model, training params (but epochs and image cadence), data, device, world size and code.
+
+    The world size is in the key because the global batch is `batch_size * world_size`.
+    """
+    train = {k: v for k, v in asdict(params.train).items() if k not in NOT_IN_KEY}
     identity = {
         "model": asdict(params.model),
         "train": train,
         "device": device.type,
+        "world_size": world_size,
         "data_hash": data_hash,
         "code": code_hash(),
     }
@@ -90,12 +103,13 @@ def build_state(params: Params, device: torch.device) -> TrainState:
     torch.manual_seed(params.train.seed)
     config = VAEConfig(784, params.model.hidden_dim, params.model.latent_dim, params.model.likelihood)
     model = VAE(config).to(device)
-    noise = torch.Generator(device=device).manual_seed(params.train.seed)
-    return TrainState(model, make_optimizer(model, params.train.lr, device), noise)
+    noise = torch.Generator(device=device).manual_seed(params.train.seed)  # the same on every rank
+    capturable = params.train.cuda_graphs and device.type == "cuda"
+    return TrainState(model, make_optimizer(model, params.train.lr, device, capturable), noise)
 
 
 def restore(state: TrainState, ckpt: dict) -> None:
-    state.model.load_state_dict(ckpt["model"])
+    state.model.load_state_dict(ckpt["model"])  # (copies onto the model's device)
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.noise.set_state(ckpt["noise_rng"].cpu() if state.noise.device.type == "cpu" else ckpt["noise_rng"])
     state.epoch = int(ckpt["epoch"])
@@ -132,15 +146,34 @@ def write_grids(model: VAE, x_val: Tensor, paths: Paths, seed: int) -> dict[str,
 
 
 def train(params: Params, paths: Paths, logger: RunLogger | None = None) -> dict:
-    """Train the VAE, resuming from a checkpoint of the same run key; write `models/vae.pt`."""
+    """Train the VAE, resuming from a checkpoint of the same run key; write `models/vae.pt`.
+
+    Joins a DDP process group when launched under torchrun or with `train.distributed: true`.
+    """
+    cfg = params.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    with distributed.session(cfg.distributed, device.type) as world:
+        return _train(params, paths, logger if world.is_main else None, distributed.device_for(device, world), world)
+
+
+def _resume_point(paths: Paths, key: str, world: Single) -> dict | None:
+    """Rank 0 picks the newest good checkpoint; every rank resumes from that one."""
+    ckpt = checkpoint.latest_good(paths.checkpoints_dir, key) if world.is_main else None
+    return world.broadcast_object(ckpt)
+
+
+def _train(params: Params, paths: Paths, logger: RunLogger | None, device: torch.device, world: Single) -> dict:
     logger = logger or NullLogger()
     cfg = params.train
-    device = resolve_device(cfg.device)
     td = load_train_data(params, paths, device)
     data_hash = td.manifest["data_hash"]
-    key = checkpoint_key(params, data_hash, device)
+    if world.broadcast_object(data_hash) != data_hash:
+        raise data.DataError(f"rank {world.rank} holds other data ({data_hash[:12]}…) than rank 0: sync data/ first")
+    key = checkpoint_key(params, data_hash, device, world.world_size)
     state = build_state(params, device)
-    ckpt = checkpoint.latest_good(paths.checkpoints_dir, key)
+    ckpt = _resume_point(paths, key, world)
     if ckpt is not None:
         restore(state, ckpt)
         log.info("resuming from checkpoint %s epoch %d", key, state.epoch)
@@ -148,6 +181,8 @@ def train(params: Params, paths: Paths, logger: RunLogger | None = None) -> dict
             logger.log_epoch(EpochStats(**row))
 
     def on_epoch(stats: EpochStats, st: TrainState) -> None:
+        if not world.is_main:
+            return
         checkpoint.save_epoch(paths.checkpoints_dir, key, st.epoch, checkpoint_payload(st, params, data_hash))
         write_history(paths.history_file, st.history)
         if st.epoch % cfg.image_every == 0 or st.epoch == cfg.epochs:
@@ -158,14 +193,26 @@ def train(params: Params, paths: Paths, logger: RunLogger | None = None) -> dict
             stats.epoch, cfg.epochs, stats.train_loss, stats.train_recon, stats.train_kl, stats.val_loss, stats.seconds,
         )  # fmt: skip
 
-    log.info("training on %s: %d train, %d val images, run key %s", device, len(td.x_train), len(td.x_val), key)
-    history = fit(state, td.x_train, td.x_val, cfg, params.model.likelihood, on_epoch)
-    if not paths.history_file.exists() or ckpt is not None:
-        write_history(paths.history_file, history)
-        write_grids(state.model, td.x_val, paths, cfg.seed)
-    payload = checkpoint.model_payload(
-        state.model, params=params.to_dict(), data_hash=data_hash, history=history, epoch=state.epoch
-    )
-    checkpoint.save(paths.model_file, payload, sidecar=False)
+    if world.is_main:
+        log.info(
+            "training on %s x %d: %d train, %d val images, global batch %d, run key %s",
+            device.type, world.world_size, len(td.x_train), len(td.x_val), cfg.batch_size * world.world_size, key,
+        )  # fmt: skip
+    history = fit(state, td.x_train, td.x_val, cfg, params.model.likelihood, on_epoch, world)
+    if world.is_main:
+        if not paths.history_file.exists() or ckpt is not None:
+            write_history(paths.history_file, history)
+            write_grids(state.model, td.x_val, paths, cfg.seed)
+        payload = checkpoint.model_payload(
+            state.model, params=params.to_dict(), data_hash=data_hash, history=history, epoch=state.epoch
+        )
+        checkpoint.save(paths.model_file, payload, sidecar=False)
+    world.barrier()  # every rank returns once the model file exists
     final = history[-1]
-    return {"epochs": state.epoch, "val_loss": final["val_loss"], "device": str(device), "data_hash": data_hash}
+    return {
+        "epochs": state.epoch,
+        "val_loss": final["val_loss"],
+        "device": str(device),
+        "data_hash": data_hash,
+        "world_size": world.world_size,
+    }

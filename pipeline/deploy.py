@@ -1,0 +1,117 @@
+"""Work pools and deployments: `vae-pipeline` (cpu pool), `vae-train` (gpu pool), `scheduled-retraining`.
+
+All three are worker deployments made with `flow.from_source(...)`: a `process`
+worker pulls the source (a local checkout, or a git URL for workers on other
+machines) and runs the flow there. None is made with `flow.serve`, so every
+deployment is picked up by a worker, never by a serving process.
+
+    python -m pipeline.deploy [--source GIT_URL_OR_PATH]
+
+needs `PREFECT_API_URL` (a self-hosted server or Prefect Cloud); `make serve`
+runs it against a local server. Pools, cron and timezone come from params.yaml's
+`orchestrate` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from uuid import UUID
+
+from prefect import Flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectNotFound
+from prefect.schedules import Cron
+from prefect.workers.process import ProcessWorker
+
+from pipeline.flows import PIPELINE_FLOW, REMOTE_ENV, TRAIN_FLOW, resolve_root
+from vae_mlops.params import Params, load_params
+
+SCHEDULED = "scheduled-retraining"
+DEFAULT_GPU_POOL = "gpu"  # where vae-train is deployed while orchestrate.gpu_pool is "" (in-process)
+ENTRYPOINTS = {PIPELINE_FLOW: "pipeline/flows.py:vae_pipeline", TRAIN_FLOW: "pipeline/flows.py:vae_train"}
+# Passed to every flow run a worker starts, when set where the deployments are made.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", REMOTE_ENV)
+
+
+def train_pool(params: Params) -> str:
+    return params.orchestrate.gpu_pool or DEFAULT_GPU_POOL
+
+
+def ensure_pools(names: list[str]) -> list[str]:
+    """Create the `process` work pools that do not exist yet; return the ones created."""
+    created = []
+    with get_client(sync_client=True) as client:
+        for name in dict.fromkeys(names):
+            try:
+                client.read_work_pool(name)
+            except ObjectNotFound:
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()
+                    )
+                )
+                created.append(name)
+    return created
+
+
+def job_env() -> dict[str, str]:
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1"}
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
+    return env
+
+
+def deploy_all(root: Path, params: Params, source: str | None = None, train_source: str | None = None) -> dict[str, UUID]:
+    """Create or update the pools and the three deployments; return their ids by deployment name.
+
+    Args:
+        source: where workers get the code: a local path (default `root`) or a git URL.
+        train_source: the same for `vae-train` alone (a GPU machine's own checkout), default `source`.
+    """
+    cfg = params.orchestrate
+    ensure_pools([cfg.cpu_pool, train_pool(params)])
+    src = source or str(root)
+    pipeline = Flow.from_source(src, ENTRYPOINTS[PIPELINE_FLOW])
+    train = Flow.from_source(train_source or src, ENTRYPOINTS[TRAIN_FLOW])
+    common = {
+        "build": False, "push": False, "print_next_steps": False, "ignore_warnings": True,
+        "job_variables": {"env": job_env()},
+    }  # fmt: skip
+    return {
+        PIPELINE_FLOW: pipeline.deploy(
+            name=PIPELINE_FLOW, work_pool_name=cfg.cpu_pool, concurrency_limit=1, tags=["vae"],
+            description="The whole pipeline on demand: download -> train -> evaluate -> register.", **common,
+        ),
+        TRAIN_FLOW: train.deploy(
+            name=TRAIN_FLOW, work_pool_name=train_pool(params), tags=["vae", "gpu"],
+            description="Training alone, on the GPU pool; vae-pipeline triggers it when orchestrate.gpu_pool is set.",
+            **common,
+        ),
+        SCHEDULED: pipeline.deploy(
+            name=SCHEDULED, work_pool_name=cfg.cpu_pool, concurrency_limit=1, tags=["vae", "scheduled"],
+            schedule=Cron(cfg.retrain_cron, timezone=cfg.timezone),
+            description=f"Retrain on `{cfg.retrain_cron}` ({cfg.timezone}); the registry gate decides promotion.",
+            **common,
+        ),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.deploy", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", help="the checkout whose params.yaml to read (default: this one)")
+    parser.add_argument("--source", help="where workers get the code: a path or git URL (default: --root)")
+    parser.add_argument("--train-source", help="the same for vae-train alone (default: --source)")
+    args = parser.parse_args(argv)
+    root = resolve_root(args.root)
+    params = load_params(root / "params.yaml")
+    ids = deploy_all(root, params, args.source, args.train_source)
+    for name, dep_id in ids.items():
+        print(f"{name}: {dep_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

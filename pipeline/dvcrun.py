@@ -1,0 +1,236 @@
+"""DVC as the Prefect tasks use it: one stage at a time, its output streamed into a logger.
+
+Each Prefect task runs `dvc repro --single-item <stage>`, the command `dvc repro`
+itself runs per stage, so `dvc.lock` and the DVC cache come out exactly as after
+`dvc repro`. Nothing here imports Prefect: the flows pass their run logger in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from vae_mlops.params import apply_overrides, read_raw
+
+TRAIN = "train"
+LOCK_SCHEMA = "2.0"
+MAX_HANDOFF_FILE = 256 * 1024  # uncached outputs larger than this stay on the worker
+
+
+class CommandFailed(RuntimeError):
+    """A DVC command exited non-zero or ran past its deadline; the message ends with its last lines."""
+
+
+def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This interpreter's bin first on PATH (so dvc.yaml's `python` is this venv's) and no telemetry."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env.update(extra or {})
+    return env
+
+
+def dvc_bin() -> str:
+    local = Path(sys.executable).parent / "dvc"
+    return str(local) if local.exists() else "dvc"
+
+
+def run_logged(
+    cmd: list[str],
+    cwd: Path,
+    logger: logging.Logger | logging.LoggerAdapter,
+    timeout_s: float,
+    env: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Run `cmd`, sending each output line to `logger`; kill its process group past `timeout_s`.
+
+    Lines are logged from the calling thread (Prefect's run logger is bound to it), and
+    the child is killed on any exit from here, Prefect's own task timeout included.
+    """
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=dict(env or tool_env()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, bufsize=1, start_new_session=True,
+    )  # fmt: skip
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    out: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=0.2)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise CommandFailed(f"`{' '.join(cmd)}` ran past its timeout of {timeout_s:g} s and was stopped")
+                continue
+            if line is None:
+                break
+            out.append(line)
+            if line.strip():
+                logger.info(line)
+        rc = proc.wait()
+    finally:
+        _stop(proc)
+    if rc != 0:
+        tail = "\n".join(out[-25:])
+        raise CommandFailed(f"`{' '.join(cmd)}` failed with exit code {rc}:\n{tail}")
+    return out
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(wait_s)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def repro(stage: str, root: Path, logger, timeout_s: float, env: Mapping[str, str] | None = None) -> bool:
+    """`dvc repro --single-item <stage>`; True if the stage ran, False if DVC found it up to date."""
+    out = run_logged([dvc_bin(), "repro", "--single-item", stage], root, logger, timeout_s, env)
+    return any(f"Running stage '{stage}'" in line for line in out)
+
+
+def transfer(action: str, stages: list[str], remote: str, root: Path, logger, timeout_s: float) -> None:
+    """`dvc push|pull -r <remote> <stages...>`: move the stages' cached outputs to or from a shared remote."""
+    run_logged([dvc_bin(), action, "-r", remote, *stages], root, logger, timeout_s)
+
+
+def stage_names(root: Path) -> list[str]:
+    """The stages of `dvc.yaml`, in the order written there (the DAG's order)."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages") or {}
+    return list(stages)
+
+
+def split_at_train(stages: list[str]) -> tuple[list[str], list[str]]:
+    """Stages before and after `train`: what training needs, and what must not run if it fails."""
+    if TRAIN not in stages:
+        raise ValueError(f"dvc.yaml has no '{TRAIN}' stage (stages: {', '.join(stages)})")
+    i = stages.index(TRAIN)
+    return stages[:i], stages[i + 1 :]
+
+
+# ---------------------------------------------------------------- params
+
+
+def flat_raw(params_file: Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`params.yaml` as written (no type coercion) with overrides applied, as dotted keys."""
+    raw = apply_overrides(read_raw(params_file), overrides or {})
+    return {f"{s}.{k}": v for s, sec in raw.items() if isinstance(sec, dict) for k, v in sec.items()}
+
+
+def set_params(params_file: Path, values: Mapping[str, Any]) -> list[str]:
+    """Write dotted-key values into `params.yaml` the way `dvc exp run -S` does; return the keys changed.
+
+    DVC's own round-trip YAML writer keeps comments and layout. A key whose value
+    is already equal (same type too) is left alone, so the file only changes when
+    a value does.
+    """
+    from dvc.utils.serialize import modify_yaml
+
+    current = flat_raw(params_file)
+    changed = [k for k, v in values.items() if k not in current or type(current[k]) is not type(v) or current[k] != v]
+    if changed:
+        with modify_yaml(params_file) as data:
+            for key in changed:
+                section, _, name = key.partition(".")
+                data[section][name] = values[key]
+    return changed
+
+
+# ---------------------------------------------------------------- dvc.lock handoff
+
+
+def read_lock(root: Path) -> dict[str, Any]:
+    path = root / "dvc.lock"
+    return (yaml.safe_load(path.read_text()) or {}).get("stages", {}) if path.exists() else {}
+
+
+def merge_lock(root: Path, entries: Mapping[str, Any]) -> None:
+    """Put stage entries (as another checkout's `dvc.lock` holds them) into this checkout's `dvc.lock`."""
+    from dvc.utils.serialize import modify_yaml
+
+    path = root / "dvc.lock"
+    if not path.exists():
+        path.write_text(yaml.safe_dump({"schema": LOCK_SCHEMA, "stages": {}}, sort_keys=False))
+    with modify_yaml(path) as data:
+        data.setdefault("stages", {})
+        for name, entry in entries.items():
+            data["stages"][name] = entry
+
+
+def stage_outputs(root: Path, stage: str) -> list[tuple[str, bool]]:
+    """(path, cached by DVC) for each output of a stage, with dvc.yaml's interpolation resolved."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        for st in repo.index.stages:
+            if getattr(st, "name", None) == stage:
+                return [(str(out.def_path), bool(out.use_cache)) for out in st.outs]
+    raise ValueError(f"no stage '{stage}' in {root / 'dvc.yaml'}")
+
+
+def handoff(root: Path, stage: str, extra_files: list[Path] = ()) -> dict[str, Any]:
+    """What another checkout needs to adopt a stage run here: its lock entry and its small uncached files.
+
+    Cached outputs travel through the DVC remote (`dvc push`/`dvc pull`); outputs
+    DVC does not cache (`cache: false`) and `extra_files` travel here, as text,
+    when they are small files.
+    """
+    files: dict[str, str] = {}
+    candidates = [p for p, cached in stage_outputs(root, stage) if not cached]
+    candidates += [str(p.relative_to(root)) for p in extra_files]
+    for rel in candidates:
+        path = root / rel
+        if path.is_file() and path.stat().st_size <= MAX_HANDOFF_FILE:
+            try:
+                files[rel] = path.read_text()
+            except UnicodeDecodeError:
+                continue
+    return {"lock": {stage: read_lock(root).get(stage)}, "files": files}
+
+
+def adopt(root: Path, data: Mapping[str, Any]) -> None:
+    """Write a handoff's lock entries and files into this checkout (cached outputs come by `dvc pull`)."""
+    merge_lock(root, {k: v for k, v in data["lock"].items() if v})
+    for rel, text in data.get("files", {}).items():
+        path = root / rel
+        if not path.exists() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+
+
+def missing_cached_outputs(root: Path, stage: str) -> list[str]:
+    return [p for p, cached in stage_outputs(root, stage) if cached and not (root / p).exists()]
+
+
+def handoff_json(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, indent=1, sort_keys=True, default=str)

@@ -1,0 +1,167 @@
+"""`make serve`: scheduled retraining on this machine.
+
+Uses the Prefect server `PREFECT_API_URL` names (self-hosted or Prefect Cloud);
+with none configured it starts one on 127.0.0.1 (`PREFECT_SERVER_API_PORT`,
+default 4200; its database under `PREFECT_HOME`), or reuses one already
+answering there. Then it creates the work pools and deployments
+(`pipeline.deploy`) and runs a `process` worker on the cpu pool until Ctrl-C,
+which stops the worker and any server it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_API_PORT, temporary_settings
+
+from pipeline import deploy
+from pipeline.flows import resolve_root
+from vae_mlops.params import load_params
+
+HOST = "127.0.0.1"
+STARTUP_TIMEOUT_S = 180.0
+
+
+class ServerError(RuntimeError):
+    """The local Prefect server could not be started."""
+
+
+def prefect_bin() -> str:
+    local = Path(sys.executable).parent / "prefect"
+    return str(local) if local.exists() else "prefect"
+
+
+def healthy(api_url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout_s) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        return s.connect_ex((HOST, port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def process_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What every Prefect process this project starts gets: its home, this venv first, no telemetry."""
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DVC_NO_ANALYTICS="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    env.update(extra or {})
+    return env
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left."""
+    if proc.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(wait_s)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextmanager
+def local_server(
+    home: Path, port: int, ui: bool = True, extra_env: Mapping[str, str] | None = None
+) -> Iterator[str]:
+    """A Prefect server on 127.0.0.1:`port` with its sqlite database under `home`; yields its API URL.
+
+    A Prefect server already answering on that port is reused and left running.
+    """
+    api_url = f"http://{HOST}:{port}/api"
+    if healthy(api_url):
+        yield api_url
+        return
+    if port_in_use(port):
+        raise ServerError(f"{HOST}:{port} is taken by something that is not a Prefect server; set PREFECT_SERVER_API_PORT")
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = home / "server.log"
+    cmd = [prefect_bin(), "server", "start", "--host", HOST, "--port", str(port), "--analytics-off"]
+    cmd.append("--ui" if ui else "--no-ui")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, env=process_env(home, {"PREFECT_API_URL": api_url, **(extra_env or {})}),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not healthy(api_url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise ServerError(f"the Prefect server on {HOST}:{port} did not start; {log_path} ends:\n{tail}")
+            time.sleep(0.5)
+        yield api_url
+    finally:
+        stop(proc)
+
+
+def start_worker(pool: str, api_url: str, home: Path, run_once: bool = False, extra_env=None, **popen) -> subprocess.Popen:
+    """`prefect worker start --pool <pool> --type process` as a child process."""
+    cmd = [prefect_bin(), "worker", "start", "--pool", pool, "--type", "process"]
+    if run_once:
+        cmd.append("--run-once")
+    env = process_env(home, {"PREFECT_API_URL": api_url, **(extra_env or {})})
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True, **popen)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", help="the checkout (default: this one)")
+    parser.add_argument("--port", type=int, default=None, help="local server port (default PREFECT_SERVER_API_PORT)")
+    args = parser.parse_args(argv)
+    root = resolve_root(args.root)
+    params = load_params(root / "params.yaml")
+    home = Path(PREFECT_HOME.value()).expanduser()
+    with ExitStack() as stack:
+        api_url = PREFECT_API_URL.value()
+        if not api_url:
+            port = args.port or int(PREFECT_SERVER_API_PORT.value())
+            api_url = stack.enter_context(local_server(home, port))
+            print(f"Prefect server on {api_url} (UI http://{HOST}:{port}); log {home / 'server.log'}", flush=True)
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
+        for name, dep_id in deploy.deploy_all(root, params).items():
+            print(f"deployment {name}: {dep_id}", flush=True)
+        print(
+            f"retraining on '{params.orchestrate.retrain_cron}' ({params.orchestrate.timezone}); "
+            f"worker on pool '{params.orchestrate.cpu_pool}'. Ctrl-C stops it.",
+            flush=True,
+        )
+        worker = start_worker(params.orchestrate.cpu_pool, api_url, home)
+        try:
+            return worker.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            stop(worker)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

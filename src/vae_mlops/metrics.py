@@ -1,0 +1,244 @@
+"""Test metrics of a trained VAE and clustering scores of its latent means; their pandera schema.
+
+Every metric key, documented once (`METRIC_KEYS` lists them in this order):
+
+| key | meaning |
+| --- | --- |
+| `test.elbo` | mean single-sample ELBO per image in nats, model's own likelihood (gaussian: sigma^2 = 1/2) |
+| `test.nll_iwae` | mean IWAE estimate of -log p(x) per image in nats, k = `evaluate.iwae_samples` (Burda et al. 2016) |
+| `test.recon_mse` | mean squared error per pixel between x and the decoded z = mu |
+| `test.recon_bce` | binary cross-entropy per image (summed over pixels) between x and the decoded z = mu |
+| `test.kl` | KL(q(z\\|x) \\|\\| N(0, I)) per image, closed form |
+| `test.active_units` | latent dims with Cov_x(E[z\\|x]) > 0.01 (Burda et al. 2016, section 5.2) |
+| `latent.nmi` | normalised mutual information of k-means clusters of the test `mu` against the labels |
+| `latent.ari` | adjusted Rand index of the same clusters |
+| `latent.accuracy` | share of images labelled right by the best one-to-one cluster-to-label map (Hungarian) |
+| `latent.silhouette` | mean silhouette of the same clusters in latent space (on a seeded subsample) |
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+from torch import Tensor
+
+from vae_mlops.model import VAE, elbo, iwae_log_likelihood, kl_divergence
+from vae_mlops.params import EvaluateParams
+
+METRIC_KEYS = (
+    "test.elbo",
+    "test.nll_iwae",
+    "test.recon_mse",
+    "test.recon_bce",
+    "test.kl",
+    "test.active_units",
+    "latent.nmi",
+    "latent.ari",
+    "latent.accuracy",
+    "latent.silhouette",
+)
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active if Cov_x(E[z|x]) > 0.01
+KMEANS_N_INIT = 10  # restarts of k-means; the best inertia wins, so one unlucky start cannot move the scores
+SILHOUETTE_SAMPLE = 5000  # silhouette is O(N^2): score a seeded subsample of this many images
+# The IWAE bound is at least the ELBO in expectation (Burda et al. 2016, Theorem 1), so
+# nll_iwae <= -elbo; both are Monte Carlo means over the test images, and this much slack
+# absorbs their noise (well under 0.1 nats on 10,000 images, more on a tiny test set).
+IWAE_TOLERANCE = 0.5
+
+
+class MetricsError(ValueError):
+    """The metrics are not fit to register: every problem, one per line, each naming its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in the metrics:\n{lines}")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """The test split's posterior means and what decoding them gives, averaged per image."""
+
+    mu: Tensor  # (N, L) on the CPU
+    elbo: float
+    recon_mse: float
+    recon_bce: float
+    kl: float
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_model(model: VAE, x: Tensor, labels: Tensor, cfg: EvaluateParams) -> dict[str, float]:
+    """Every metric of `METRIC_KEYS` for images `x` (N, 784) on [0, 1] and their labels.
+
+    Noise (ELBO and IWAE samples) comes from generators seeded by `cfg.seed`, and
+    k-means uses the same seed, so the same model gives the same metrics twice.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    x = x.to(device=device, dtype=torch.float32)
+    enc = encode_split(model, x, cfg.batch_size, cfg.seed)
+    nll = -iwae_bound(model, x, cfg.iwae_samples, cfg.batch_size, cfg.seed).mean().item()
+    metrics = {
+        "test.elbo": enc.elbo,
+        "test.nll_iwae": nll,
+        "test.recon_mse": enc.recon_mse,
+        "test.recon_bce": enc.recon_bce,
+        "test.kl": enc.kl,
+        "test.active_units": float(active_units(enc.mu)),
+    }
+    metrics.update(cluster_scores(enc.mu, labels, cfg.n_clusters, cfg.seed))
+    return metrics
+
+
+@torch.no_grad()
+def encode_split(model: VAE, x: Tensor, batch_size: int, seed: int) -> Encoded:
+    """Posterior means, single-sample ELBO, reconstruction errors (z = mu) and KL, in batches."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    mus, sums = [], torch.zeros(4, dtype=torch.float64, device=x.device)
+    for xb in x.split(batch_size):
+        mu, log_std = model.encode(xb)
+        logits = model.decode_logits(mu)  # (B, D)
+        bce = F.binary_cross_entropy_with_logits(logits, xb, reduction="none").sum(-1)
+        se = (torch.sigmoid(logits) - xb).pow(2).mean(-1)
+        per_image = torch.stack([elbo(model, xb, gen), se, bce, kl_divergence(mu, log_std)])  # (4, B)
+        sums += per_image.double().sum(-1)
+        mus.append(mu.cpu())
+    means = (sums / len(x)).tolist()
+    return Encoded(torch.cat(mus), *means)
+
+
+@torch.no_grad()
+def iwae_bound(model: VAE, x: Tensor, k: int, batch_size: int, seed: int) -> Tensor:
+    """IWAE log-likelihood bound per image (N,), `batch_size` images at a time, seeded noise."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    return torch.cat([iwae_log_likelihood(model, xb, k, gen) for xb in x.split(batch_size)]).cpu()
+
+
+def active_units(mu: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
+    """Latent dims whose posterior mean varies across images: Var_x(E[z|x]) > threshold (Burda et al. 2016)."""
+    return int((mu.double().var(dim=0) > threshold).sum())
+
+
+# ---------------------------------------------------------------- latent clustering
+
+
+def cluster_scores(mu: Tensor, labels: Tensor, n_clusters: int, seed: int) -> dict[str, float]:
+    """k-means (seeded) on the latent means, scored against the labels: NMI, ARI, accuracy, silhouette."""
+    points = mu.detach().cpu().double().numpy()
+    truth = labels.detach().cpu().numpy()
+    pred = KMeans(n_clusters=n_clusters, n_init=KMEANS_N_INIT, random_state=seed).fit_predict(points)
+    return {
+        "latent.nmi": float(normalized_mutual_info_score(truth, pred)),
+        "latent.ari": float(adjusted_rand_score(truth, pred)),
+        "latent.accuracy": cluster_accuracy(pred, truth),
+        "latent.silhouette": silhouette(points, pred, seed),
+    }
+
+
+def cluster_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Share of points labelled right under the best one-to-one cluster-to-label map (Hungarian).
+
+    With more clusters than labels, the clusters left without a label count as wrong.
+    """
+    pred_ids, pred_idx = np.unique(pred, return_inverse=True)
+    true_ids, true_idx = np.unique(truth, return_inverse=True)
+    counts = np.zeros((len(pred_ids), len(true_ids)), dtype=np.int64)
+    np.add.at(counts, (pred_idx, true_idx), 1)
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, cols].sum() / len(pred))
+
+
+def silhouette(points: np.ndarray, pred: np.ndarray, seed: int) -> float:
+    """Mean silhouette on at most `SILHOUETTE_SAMPLE` points; 0.0 when k-means found one cluster.
+
+    A single cluster has no silhouette; 0.0 ("no structure") keeps the metric finite
+    for a collapsed latent space instead of failing the whole evaluation.
+    """
+    if len(np.unique(pred)) < 2:
+        return 0.0
+    size = min(len(points), SILHOUETTE_SAMPLE)
+    return float(silhouette_score(points, pred, sample_size=size, random_state=seed))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _finite(s: pd.Series) -> pd.Series:
+    return pd.Series(np.isfinite(s.to_numpy(dtype=float)), index=s.index)
+
+
+def _column(*checks: pa.Check) -> pa.Column:
+    return pa.Column(float, [pa.Check(_finite, error="finite"), *checks], nullable=False)
+
+
+def _iwae_within_elbo(df: pd.DataFrame) -> pd.Series:
+    return df["test.nll_iwae"] <= -df["test.elbo"] + IWAE_TOLERANCE
+
+
+def metrics_schema(latent_dim: int | None = None) -> pa.DataFrameSchema:
+    """The pandera schema of a one-row metrics table; `latent_dim` bounds `test.active_units`."""
+    units_max = pa.Check.le(latent_dim) if latent_dim is not None else pa.Check.ge(0)
+    unit = [pa.Check.in_range(0.0, 1.0)]
+    integer = pa.Check(lambda s: s == s.round(), error="integer-valued")
+    return pa.DataFrameSchema(
+        {
+            "test.elbo": _column(),  # a log-density on grey values: either sign is possible
+            "test.nll_iwae": _column(),
+            "test.recon_mse": _column(*unit),
+            "test.recon_bce": _column(pa.Check.ge(0.0)),
+            "test.kl": _column(pa.Check.ge(-1e-3)),  # >= 0 up to float rounding
+            "test.active_units": _column(pa.Check.ge(0.0), units_max, integer),
+            "latent.nmi": _column(*unit),
+            "latent.ari": _column(*unit),
+            "latent.accuracy": _column(*unit),
+            "latent.silhouette": _column(pa.Check.in_range(-1.0, 1.0)),
+        },
+        checks=[
+            pa.Check(
+                _iwae_within_elbo,
+                error=f"test.nll_iwae <= -test.elbo + {IWAE_TOLERANCE} (the IWAE bound is at least the ELBO)",
+            )
+        ],
+        strict=False,  # a stage may add its own keys (timings); they must still be finite numbers
+    )
+
+
+def validate_metrics(metrics: dict, latent_dim: int | None = None) -> None:
+    """Raise `MetricsError`, naming each offending key, unless `metrics` are fit to register."""
+    problems = [f"{key}: missing" for key in METRIC_KEYS if key not in metrics]
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: must be a number, got {type(value).__name__} ({value!r})")
+        elif not math.isfinite(value):
+            problems.append(f"{key}: must be finite, got {value!r}")
+    if problems:
+        raise MetricsError(problems)
+    table = pd.DataFrame([{k: float(v) for k, v in metrics.items()}])
+    try:
+        metrics_schema(latent_dim).validate(table, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        raise MetricsError(_describe(exc.failure_cases, metrics)) from None
+
+
+def _describe(failures: pd.DataFrame, metrics: dict) -> list[str]:
+    problems = []
+    for row in failures.itertuples(index=False):
+        if row.schema_context == "DataFrameSchema":  # the cross-key check: one line, both values
+            got = f"{metrics['test.nll_iwae']!r} with test.elbo = {metrics['test.elbo']!r}"
+            problems.append(f"test.nll_iwae: fails {row.check}, got {got}")
+        else:
+            problems.append(f"{row.column}: fails {row.check}, got {metrics[row.column]!r}")
+    return sorted(set(problems))

@@ -1,0 +1,368 @@
+"""Register a trained VAE and decide, through a gate, whether it becomes the champion.
+
+The alias `champion` moves to a new version only if it beats the current champion
+on `register.metric` by at least `register.min_delta`, on the same dataset and
+the same test data (a champion scored on data with another hash is re-scored on
+the current test split first). Otherwise the new version gets `challenger`. The
+first version is champion.
+
+Aliases keep no history, so every decision is appended to the promotion log
+(`reports/promotions.jsonl`) and tagged on its version (`promotion`, JSON).
+
+Two registrations at once: against a local store (sqlite, file) the whole
+decision runs under an exclusive file lock beside the store; against a tracking
+server, after setting the alias the gate re-reads it and decides again if
+another registration moved it meanwhile. An alias names one version, so there is
+never more than one champion, and once there is a champion there is always one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+from vae_mlops import tracking
+from vae_mlops.params import RegisterParams
+from vae_mlops.pyfunc import VAEServing
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PROMOTED = "promoted"
+NOT_PROMOTED = "not promoted"
+
+# Which way is better, per metric key of `metrics.METRIC_KEYS`. `test.kl` and
+# `test.active_units` have no better direction and cannot drive the gate.
+LOWER_IS_BETTER = {
+    "test.nll_iwae": True,
+    "test.recon_mse": True,
+    "test.recon_bce": True,
+    "test.elbo": False,
+    "latent.nmi": False,
+    "latent.ari": False,
+    "latent.accuracy": False,
+    "latent.silhouette": False,
+}
+
+TAG_MODEL_SHA256 = "model.sha256"
+TAG_METRIC = "metric."  # + metric key: the value on the test data of `data.hash`
+TAG_PROMOTION = "promotion"
+LOCK_TIMEOUT_S = 900.0  # a registration that re-scores a champion on full MNIST takes minutes
+VERIFY_ROUNDS = 5  # servers: re-read the alias this often before trusting it
+VERIFY_DELAY_S = 0.5
+
+
+class RegistryError(RuntimeError):
+    """The gate cannot decide (unknown metric, missing champion data, lock timeout): says why."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the register stage hands to the gate: the model, its scores and where they came from."""
+
+    model: object  # the VAE
+    metrics: dict[str, float]
+    dataset: str
+    data_hash: str  # of the data the metrics were computed on
+    git_commit: str
+    model_sha256: str
+    input_example: object  # (2, 784) float32 numpy: test images
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The current champion as the gate sees it: `value` on the candidate's test data, or None."""
+
+    version: str
+    dataset: str
+    value: float | None
+    rescored: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One line of the promotion log."""
+
+    time: str
+    model_name: str
+    version: str
+    alias: str
+    decision: str
+    reason: str
+    metric: str
+    lower_is_better: bool
+    value: float
+    champion_version: str | None
+    champion_value: float | None
+    dataset: str
+    data_hash: str
+    git_commit: str
+    run_id: str
+
+    @property
+    def promoted(self) -> bool:
+        return self.decision == PROMOTED
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lower_is_better(metric: str) -> bool:
+    if metric not in LOWER_IS_BETTER:
+        raise RegistryError(
+            f"register.metric={metric!r} cannot drive the gate: use one of {', '.join(LOWER_IS_BETTER)}"
+        )
+    return LOWER_IS_BETTER[metric]
+
+
+def decide(metric: str, min_delta: float, value: float, dataset: str, champion: Champion | None) -> tuple[bool, str]:
+    """The gate itself: (promote?, why). Promotes only on a strict improvement of at least `min_delta`."""
+    lower = lower_is_better(metric)
+    if champion is None:
+        return True, "first version: there is no champion yet"
+    if champion.dataset != dataset:
+        return False, (
+            f"not compared: champion v{champion.version} was evaluated on {champion.dataset!r}, this version "
+            f"on {dataset!r}; the champion stays (use one register.model_name per dataset)"
+        )
+    assert champion.value is not None
+    gain = champion.value - value if lower else value - champion.value
+    way = "lower" if lower else "higher"
+    how = " (champion re-scored on the current test data)" if champion.rescored else ""
+    versus = f"{metric} {value:.4f} vs champion v{champion.version} {champion.value:.4f}{how}, {way} is better"
+    if gain > 0 and gain >= min_delta:
+        return True, f"{versus}: better by {gain:.4f} >= min_delta {min_delta}"
+    if gain > 0:
+        return False, f"{versus}: better by only {gain:.4f} < min_delta {min_delta}; the champion stays"
+    return False, f"{versus}: {'no better' if gain == 0 else f'worse by {-gain:.4f}'}; the champion stays"
+
+
+# ---------------------------------------------------------------- the lock
+
+
+@contextlib.contextmanager
+def registration_lock(uri: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[bool]:
+    """An exclusive lock beside a local store (True), or nothing for a server (False: verify instead).
+
+    `flock` is released by the kernel when its holder dies, so a killed registration never leaves it stuck.
+    """
+    store = tracking.local_store_path(uri)
+    if store is None:
+        yield False
+        return
+    path = lock_path(store)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RegistryError(
+                        f"another registration has held {path} for over {timeout_s:.0f}s; "
+                        "wait for it to finish, then rerun"
+                    ) from None
+                time.sleep(0.1)
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+            fh.flush()
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def lock_path(store: Path) -> Path:
+    return store.with_name(store.name + ".register.lock")
+
+
+# ---------------------------------------------------------------- register + gate
+
+
+def register(
+    run: tracking.PipelineRun,
+    candidate: Candidate,
+    cfg: RegisterParams,
+    promotion_log: Path,
+    rescore: Callable[[object], float],
+) -> Decision:
+    """Log the model into the pipeline's run, register a version and pass it through the gate.
+
+    `rescore(vae) -> value of cfg.metric` scores a champion on the current test data
+    when it was scored on data with another hash. Registering the same run's model
+    again returns the recorded decision instead of a second version.
+    """
+    lower_is_better(cfg.metric)
+    if cfg.metric not in candidate.metrics:
+        raise RegistryError(f"register.metric={cfg.metric!r} is not in the metrics ({', '.join(candidate.metrics)})")
+    reg = tracking.ModelRegistry(cfg.model_name, run.uri)
+    with registration_lock(run.uri) as locked:
+        existing = reg.find(run.run_id, TAG_MODEL_SHA256, candidate.model_sha256)
+        if existing is not None and TAG_PROMOTION in existing.tags:
+            decision = Decision(**json.loads(existing.tags[TAG_PROMOTION]))
+            log.info("this run's model is already version %s of %s: %s", decision.version, reg.name, decision.reason)
+            return decision
+        version = existing or _new_version(run, reg, candidate)
+        decision = gate(reg, version.version, run.run_id, candidate, cfg, rescore)
+        if not locked:
+            decision = _settle(reg, decision, run.run_id, candidate, cfg, rescore)
+        record(reg, decision, promotion_log)
+    return decision
+
+
+def version_tags(c: Candidate) -> dict[str, str]:
+    """Where a version came from and how it scored: git commit, dataset, data hash, model sha256, metrics."""
+    return {
+        tracking.TAG_GIT_COMMIT: c.git_commit,
+        tracking.TAG_DATASET: c.dataset,
+        tracking.TAG_DATA_HASH: c.data_hash,
+        TAG_MODEL_SHA256: c.model_sha256,
+        **{TAG_METRIC + k: repr(float(v)) for k, v in c.metrics.items()},
+    }
+
+
+def _new_version(run: tracking.PipelineRun, reg: tracking.ModelRegistry, c: Candidate) -> tracking.VersionInfo:
+    tags = version_tags(c)
+    model_uri = run.log_model(VAEServing(c.model), c.input_example, tags)
+    return reg.create_version(model_uri, run.run_id, tags)
+
+
+def gate(
+    reg: tracking.ModelRegistry,
+    version: str,
+    run_id: str,
+    candidate: Candidate,
+    cfg: RegisterParams,
+    rescore: Callable[[object], float],
+) -> Decision:
+    """Compare `version` with the champion and set `champion` or `challenger` on it."""
+    value = float(candidate.metrics[cfg.metric])
+    current = reg.aliases().get(CHAMPION)
+    champion = None
+    if current is not None and current != version:
+        champion = _champion(reg, current, candidate, cfg.metric, rescore)
+    if current == version:  # settled already (a server round that found its own alias)
+        promote, reason = True, "already the champion"
+    else:
+        promote, reason = decide(cfg.metric, cfg.min_delta, value, candidate.dataset, champion)
+    alias = CHAMPION if promote else CHALLENGER
+    reg.set_alias(alias, version)
+    return Decision(
+        time=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        model_name=reg.name,
+        version=version,
+        alias=alias,
+        decision=PROMOTED if promote else NOT_PROMOTED,
+        reason=reason,
+        metric=cfg.metric,
+        lower_is_better=lower_is_better(cfg.metric),
+        value=value,
+        champion_version=champion.version if champion else None,
+        champion_value=champion.value if champion else None,
+        dataset=candidate.dataset,
+        data_hash=candidate.data_hash,
+        git_commit=candidate.git_commit,
+        run_id=run_id,
+    )
+
+
+def _champion(
+    reg: tracking.ModelRegistry, version: str, candidate: Candidate, metric: str, rescore: Callable[[object], float]
+) -> Champion:
+    """The champion's score on the candidate's test data: its own tag when the data hash agrees, else re-scored."""
+    info = reg.version(version)
+    dataset = info.tags.get(tracking.TAG_DATASET, "unknown")
+    if dataset != candidate.dataset:
+        return Champion(version, dataset, None)
+    if info.tags.get(tracking.TAG_DATA_HASH) == candidate.data_hash and TAG_METRIC + metric in info.tags:
+        return Champion(version, dataset, float(info.tags[TAG_METRIC + metric]))
+    cached = f"{TAG_METRIC}{metric}:{candidate.data_hash[:16]}"  # a re-score done before on this data
+    if cached in info.tags:
+        return Champion(version, dataset, float(info.tags[cached]), rescored=True)
+    log.info("champion v%s was scored on other test data: re-scoring it on the current test split", version)
+    value = float(rescore(reg.load_vae(version)))
+    reg.set_tags(version, {cached: repr(value)})
+    return Champion(version, dataset, value, rescored=True)
+
+
+def _settle(
+    reg: tracking.ModelRegistry,
+    decision: Decision,
+    run_id: str,
+    candidate: Candidate,
+    cfg: RegisterParams,
+    rescore: Callable[[object], float],
+) -> Decision:
+    """Servers have no lock: re-read `champion` and decide again while another registration moved it."""
+    for _ in range(VERIFY_ROUNDS):
+        time.sleep(VERIFY_DELAY_S)
+        current = reg.aliases().get(CHAMPION)
+        if current is None or (decision.promoted and current != decision.version):
+            decision = gate(reg, decision.version, run_id, candidate, cfg, rescore)
+            continue
+        return decision
+    raise RegistryError(
+        f"the champion alias of {reg.name} kept moving under version {decision.version} "
+        f"({VERIFY_ROUNDS} rounds); check who else registers, then rerun"
+    )
+
+
+def record(reg: tracking.ModelRegistry, decision: Decision, promotion_log: Path) -> None:
+    """Append the decision to the promotion log and tag it on its version."""
+    entry = json.dumps(decision.to_dict(), sort_keys=True)
+    reg.set_tags(
+        decision.version,
+        {TAG_PROMOTION: entry, "promotion.decision": decision.decision, "promotion.reason": decision.reason},
+    )
+    promotion_log.parent.mkdir(parents=True, exist_ok=True)
+    with open(promotion_log, "a") as fh:  # one write per line: O_APPEND keeps lines whole
+        fh.write(entry + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    log.info("%s v%s -> %s: %s", reg.name, decision.version, decision.alias, decision.reason)
+
+
+# ---------------------------------------------------------------- history
+
+
+def read_log(promotion_log: Path) -> list[dict]:
+    if not promotion_log.is_file():
+        return []
+    return [json.loads(line) for line in promotion_log.read_text().splitlines() if line.strip()]
+
+
+def registry_history(reg: tracking.ModelRegistry) -> list[dict]:
+    """Every decision tagged in the registry (all machines), oldest first."""
+    rows = [json.loads(v.tags[TAG_PROMOTION]) for v in reg.versions() if TAG_PROMOTION in v.tags]
+    return sorted(rows, key=lambda r: r["time"])
+
+
+def history_table(rows: list[dict], title: str):
+    """A rich Table: who was champion when, and why."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("time (UTC)", "version", "decision", "alias", "metric", "value", "champion", "reason", "commit"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        champ = "-" if r.get("champion_version") is None else f"v{r['champion_version']}"
+        if r.get("champion_value") is not None:
+            champ += f" {r['champion_value']:.4f}"
+        table.add_row(
+            r["time"][:19].replace("T", " "), f"v{r['version']}", r["decision"], r["alias"], r["metric"],
+            f"{r['value']:.4f}", champ, r["reason"], r["git_commit"][:8],
+        )  # fmt: skip
+    return table

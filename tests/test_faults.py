@@ -1,0 +1,163 @@
+"""Faults injected for real, in subprocesses: nothing saved is lost, the error says what to do, a rerun completes."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from e2e import copy_project, dvc, tool_env
+from vae_mlops import checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str, cwd: Path, limit_bytes: int | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """`python -m vae_mlops ...`, optionally with a file-size limit that makes writes fail like a full disk."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "vae_mlops", *args], cwd=cwd, env=tool_env(), capture_output=True, text=True,
+        preexec_fn=limit if limit_bytes else None, timeout=300,
+    )
+    if check and proc.returncode:
+        raise AssertionError(proc.stderr)
+    return proc
+
+
+def model_weights(path: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load_model(path)[0].state_dict()
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = model_weights(a), model_weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def wait_for(predicate, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended early:\n{proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting")
+
+
+def checkpoints(repo: Path) -> list[Path]:
+    return sorted((repo / "models" / "checkpoints").rglob("epoch-*.pt"))
+
+
+@pytest.fixture
+def mirror_env(data_env, monkeypatch):
+    monkeypatch.setenv("VAE_DATA_MIRROR", f"file://{data_env}")
+    return data_env
+
+
+EPOCHS = {"train.epochs": 40}
+
+
+def test_sigkill_mid_training_then_dvc_repro_resumes_to_the_same_weights(mirror_env, tmp_path):
+    straight = copy_project(tmp_path / "straight", **EPOCHS)
+    dvc("repro", cwd=straight)
+    killed = copy_project(tmp_path / "killed", **EPOCHS)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=killed, env=tool_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for(lambda: any(p.name == "epoch-0003.pt" for p in checkpoints(killed)), proc=proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "models" / "vae.pt").exists()
+    out = dvc("repro", cwd=killed)
+    assert "resuming from checkpoint" in out.stdout + out.stderr
+    assert same_weights(straight / "models" / "vae.pt", killed / "models" / "vae.pt")
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(mirror_env, tmp_path):
+    repo = copy_project(tmp_path / "repo", **{"train.epochs": 3})
+    cli("download", cwd=repo, check=True)
+    cli("train", cwd=repo, check=True)
+    reference = tmp_path / "reference.pt"
+    reference.write_bytes((repo / "models" / "vae.pt").read_bytes())
+    latest = checkpoints(repo)[-1]
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # truncated
+    (repo / "models" / "vae.pt").unlink()
+    proc = cli("train", cwd=repo, check=True)
+    assert "skipping a bad checkpoint" in proc.stderr and "checksum mismatch" in proc.stderr
+    assert "resuming from checkpoint" in proc.stderr and "epoch 2" in proc.stderr
+    assert same_weights(reference, repo / "models" / "vae.pt")
+
+
+def test_diverging_training_stops_the_pipeline_before_anything_downstream(mirror_env, tmp_path):
+    repo = copy_project(tmp_path / "repo", **{"train.lr": 1000.0})
+    out = dvc("repro", cwd=repo, check=False)
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "loss became NaN/inf at epoch 1, batch" in text and "Traceback" not in text
+    assert not (repo / "models" / "vae.pt").exists() and not (repo / "reports" / "metrics.json").exists()
+
+
+def test_second_dvc_repro_in_the_same_repo_is_refused(mirror_env, tmp_path):
+    repo = copy_project(tmp_path / "repo", **EPOCHS)
+    first = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=repo, env=tool_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: bool(checkpoints(repo)), proc=first)
+    second = dvc("repro", cwd=repo, check=False)
+    assert second.returncode != 0
+    assert "lock" in (second.stdout + second.stderr).lower()
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    assert "up to date" in dvc("status", cwd=repo).stdout
+    assert checkpoint.load_model(repo / "models" / "vae.pt")[1]["epoch"] == 40
+
+
+def test_mirror_that_never_answers_fails_within_the_timeout(tiny_mirror, tmp_path, monkeypatch):
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(server.accept()[0]) for _ in range(20)], daemon=True).start()
+    monkeypatch.setenv("VAE_DATA_MIRROR", f"http://127.0.0.1:{server.getsockname()[1]}/")
+    repo = copy_project(tmp_path / "repo", **{"data.timeout_s": 1.0, "data.retries": 2})
+    start = time.monotonic()
+    proc = cli("download", cwd=repo)
+    elapsed = time.monotonic() - start
+    server.close()
+    assert proc.returncode == 2 and "unreachable after 2 attempt(s)" in proc.stderr
+    assert elapsed < 60
+    assert not (repo / "data" / "raw" / "tiny").exists()
+
+
+def test_disk_full_while_writing_the_dataset_leaves_data_empty(mirror_env, tmp_path):
+    repo = copy_project(tmp_path / "repo")
+    proc = cli("download", cwd=repo, limit_bytes=100_000)  # train images are 470 kB
+    assert proc.returncode == 2 and "could not write" in proc.stderr and "Free disk space" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    raw = repo / "data" / "raw"
+    assert not raw.exists() or list(raw.iterdir()) == []
+    cli("download", cwd=repo, check=True)  # a rerun completes
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(mirror_env, tmp_path):
+    repo = copy_project(tmp_path / "repo", **{"train.epochs": 1})
+    cli("download", cwd=repo, check=True)
+    cli("train", cwd=repo, check=True)
+    before = {p: p.read_bytes() for p in (repo / "models").rglob("*.pt*")}
+    size = max(len(b) for b in before.values())
+    params = (repo / "params.yaml").read_text().replace("epochs: 1", "epochs: 2")
+    (repo / "params.yaml").write_text(params)
+    proc = cli("train", cwd=repo, limit_bytes=size // 2)
+    assert proc.returncode == 2 and "could not write" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in before} == before
+    assert not [p for p in (repo / "models").rglob("*.tmp")]
+    cli("train", cwd=repo, check=True)  # disk freed: the rerun resumes and completes
+    assert checkpoint.load_model(repo / "models" / "vae.pt")[1]["epoch"] == 2

@@ -1,0 +1,272 @@
+"""The champion gate, the promotion log and concurrent registrations, against a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlflow_store import fresh_store
+from vae_mlops import cli, registry, tracking
+from vae_mlops.model import VAE, VAEConfig
+from vae_mlops.params import RegisterParams
+from vae_mlops.pyfunc import VAEServing
+
+METRIC = "test.nll_iwae"
+
+
+def _vae(seed: int = 0) -> VAE:
+    torch.manual_seed(seed)
+    return VAE(VAEConfig(784, 16, 2, "bernoulli")).eval()
+
+
+def _candidate(value: float, dataset: str = "tiny", data_hash: str = "hash-1", seed: int = 0) -> registry.Candidate:
+    return registry.Candidate(
+        model=_vae(seed),
+        metrics={METRIC: value, "test.elbo": -value - 1.0},
+        dataset=dataset,
+        data_hash=data_hash,
+        git_commit="0123456789abcdef",
+        model_sha256=f"sha-{value}-{seed}",
+        input_example=np.random.default_rng(0).random((2, 784), dtype=np.float32),
+    )
+
+
+def _no_rescore(vae) -> float:
+    raise AssertionError("the champion was scored on the same data: no re-scoring expected")
+
+
+# ---------------------------------------------------------------- the gate's rule
+
+
+@pytest.mark.parametrize(
+    "value, champion, min_delta, promote, why",
+    [
+        (100.0, None, 0.0, True, "first version"),
+        (95.0, registry.Champion("1", "tiny", 100.0), 0.0, True, "better by 5.0000 >= min_delta"),
+        (100.0, registry.Champion("1", "tiny", 100.0), 0.0, False, "no better"),
+        (101.0, registry.Champion("1", "tiny", 100.0), 0.0, False, "worse by 1.0000"),
+        (99.5, registry.Champion("1", "tiny", 100.0), 1.0, False, "better by only 0.5000 < min_delta"),
+        (1.0, registry.Champion("1", "fashion-mnist", None), 0.0, False, "not compared"),
+    ],
+)
+def test_the_gate_promotes_only_a_strict_improvement_of_at_least_min_delta_on_the_same_dataset(
+    value, champion, min_delta, promote, why
+):
+    got, reason = registry.decide(METRIC, min_delta, value, "tiny", champion)
+    assert got is promote and why in reason
+
+
+def test_the_gate_reads_higher_is_better_metrics_the_other_way():
+    champion = registry.Champion("1", "tiny", -100.0)
+    assert registry.decide("test.elbo", 0.0, -95.0, "tiny", champion)[0] is True
+    assert registry.decide("test.elbo", 0.0, -105.0, "tiny", champion)[0] is False
+
+
+def test_a_metric_without_a_better_direction_cannot_drive_the_gate():
+    with pytest.raises(registry.RegistryError, match="test.kl.*cannot drive the gate"):
+        registry.decide("test.kl", 0.0, 1.0, "tiny", None)
+
+
+# ---------------------------------------------------------------- against a real store
+
+
+@dataclass
+class Store:
+    uri: str
+    run: tracking.PipelineRun
+    model_uri: str
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Store:
+    """One sqlite store, one run, one logged model; each test registers under its own model name."""
+    folder = tmp_path_factory.mktemp("registry")
+    uri = fresh_store(folder)
+    client = tracking._client(uri)
+    run_id = client.create_run(tracking._experiment_id(client, "registry-tests", uri)).info.run_id
+    run = tracking.PipelineRun(run_id, "1", uri)
+    model_uri = run.log_model(VAEServing(_vae()), _candidate(1.0).input_example, {})
+    return Store(uri, run, model_uri, folder / "promotions.jsonl")
+
+
+def _submit(store: Store, name: str, cand: registry.Candidate, min_delta: float = 0.0, rescore=_no_rescore):
+    """Register a version of the shared logged model with `cand`'s tags and pass it through the gate."""
+    reg = tracking.ModelRegistry(name, store.uri)
+    version = reg.create_version(store.model_uri, store.run.run_id, registry.version_tags(cand))
+    decision = registry.gate(reg, version.version, store.run.run_id, cand, RegisterParams(name, METRIC, min_delta), rescore)
+    registry.record(reg, decision, store.log)
+    return decision
+
+
+def _aliases(store: Store, name: str) -> dict[str, str]:
+    return tracking.ModelRegistry(name, store.uri).aliases()
+
+
+def test_the_first_version_becomes_champion(store):
+    d = _submit(store, "first", _candidate(100.0))
+    assert (d.version, d.alias, d.decision) == ("1", "champion", "promoted")
+    assert _aliases(store, "first") == {"champion": "1"}
+
+
+def test_a_better_version_takes_the_champion_alias(store):
+    _submit(store, "better", _candidate(100.0))
+    d = _submit(store, "better", _candidate(95.0))
+    assert d.alias == "champion" and (d.champion_version, d.champion_value) == ("1", 100.0)
+    assert _aliases(store, "better") == {"champion": "2"}
+
+
+def test_a_worse_or_equal_version_never_takes_the_champion_alias(store):
+    _submit(store, "worse", _candidate(100.0))
+    assert _submit(store, "worse", _candidate(101.0)).alias == "challenger"
+    assert _submit(store, "worse", _candidate(100.0, seed=1)).alias == "challenger"
+    assert _aliases(store, "worse") == {"champion": "1", "challenger": "3"}
+
+
+def test_min_delta_holds_back_a_small_improvement(store):
+    _submit(store, "delta", _candidate(100.0))
+    assert _submit(store, "delta", _candidate(99.5), min_delta=1.0).alias == "challenger"
+    assert _submit(store, "delta", _candidate(98.9), min_delta=1.0).alias == "champion"
+    assert _aliases(store, "delta")["champion"] == "3"
+
+
+def test_a_version_from_another_dataset_is_not_compared(store):
+    _submit(store, "datasets", _candidate(100.0, dataset="tiny"))
+    d = _submit(store, "datasets", _candidate(1.0, dataset="fashion-mnist"))
+    assert d.alias == "challenger" and d.champion_value is None and "not compared" in d.reason
+    assert _aliases(store, "datasets")["champion"] == "1"
+
+
+def test_a_champion_scored_on_other_test_data_is_rescored_before_deciding(store):
+    _submit(store, "rescore", _candidate(100.0, data_hash="old"))
+    seen = []
+
+    def rescore(vae) -> float:
+        seen.append(vae)
+        return 90.0  # the champion does better on the new test data than its old tag says
+
+    d = _submit(store, "rescore", _candidate(95.0, data_hash="new"), rescore=rescore)
+    assert d.alias == "challenger" and d.champion_value == 90.0 and "re-scored" in d.reason
+    assert len(seen) == 1 and isinstance(seen[0], VAE)
+    assert all(torch.equal(a, b) for a, b in zip(seen[0].state_dict().values(), _vae().state_dict().values()))
+    d = _submit(store, "rescore", _candidate(89.0, data_hash="new"))  # the re-score is kept: no second one
+    assert d.alias == "champion" and d.champion_value == 90.0
+
+
+def test_every_decision_is_logged_and_tagged_and_history_prints_them(store, tmp_path, capsys):
+    _submit(store, "history", _candidate(100.0))
+    _submit(store, "history", _candidate(101.0))
+    reg = tracking.ModelRegistry("history", store.uri)
+    tagged = registry.registry_history(reg)
+    assert [(r["version"], r["decision"]) for r in tagged] == [("1", "promoted"), ("2", "not promoted")]
+    logged = [r for r in registry.read_log(store.log) if r["model_name"] == "history"]
+    assert logged == tagged
+    assert {"time", "version", "decision", "reason", "value", "champion_value", "git_commit"} <= set(logged[0])
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "promotions.jsonl").write_text(store.log.read_text())
+    assert cli.main(["registry", "history", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "first version" in out and "worse by 1.0000" in out
+
+
+def test_register_logs_the_model_and_the_champion_loads_with_pyfunc(store, tmp_path):
+    import mlflow
+
+    cand = _candidate(100.0, seed=3)
+    cfg = RegisterParams("pyfunc", METRIC, 0.0)
+    d = registry.register(store.run, cand, cfg, tmp_path / "log.jsonl", _no_rescore)
+    assert d.alias == "champion"
+    again = registry.register(store.run, cand, cfg, tmp_path / "log.jsonl", _no_rescore)
+    assert again == d and len(registry.read_log(tmp_path / "log.jsonl")) == 1  # no second version, no new line
+    assert [v.version for v in tracking.ModelRegistry("pyfunc", store.uri).versions()] == ["1"]
+
+    with tracking.use_store(store.uri):
+        model = mlflow.pyfunc.load_model("models:/pyfunc@champion")
+    x = cand.input_example
+    recon = model.predict(x)
+    mu = model.predict(x, params={"output": "mu"})
+    log_std = model.predict(x, params={"output": "log_std"})
+    with torch.no_grad():
+        want_mu, want_log_std = cand.model.encode(torch.from_numpy(x))
+        want_recon = cand.model.decode(want_mu)
+    assert recon.shape == (2, 784) and mu.shape == log_std.shape == (2, 2)
+    np.testing.assert_allclose(mu, want_mu.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(log_std, want_log_std.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(recon, want_recon.numpy(), rtol=1e-5, atol=1e-6)
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # no store leaks into later calls or child processes
+
+
+# ---------------------------------------------------------------- two registrations at once
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    import numpy as np, torch
+    import mlflow.pytorch  # imported before the start line, so both race for the gate together
+    from vae_mlops import registry, tracking
+    from vae_mlops.model import VAE, VAEConfig
+    from vae_mlops.params import RegisterParams
+
+    uri, run_id, value, log_path, ready, go = sys.argv[1:]
+    torch.manual_seed(int(float(value)))
+    cand = registry.Candidate(VAE(VAEConfig(784, 16, 2, "bernoulli")), {"test.nll_iwae": float(value)}, "tiny",
+                              "hash", "abc", f"sha-{value}", np.zeros((2, 784), np.float32))
+    Path(ready).touch()
+    while not Path(go).exists():
+        time.sleep(0.01)
+    d = registry.register(tracking.PipelineRun(run_id, "1", uri), cand, RegisterParams("race", "test.nll_iwae", 0.0),
+                          Path(log_path), lambda vae: float("nan"))
+    print(json.dumps(d.to_dict()))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_registrations_at_once_leave_one_champion_and_a_consistent_log(tmp_path):
+    """Issue 5: two registrations at once never give two champions or none; the best one holds the alias."""
+    uri = fresh_store(tmp_path)
+    client = tracking._client(uri)
+    experiment = tracking._experiment_id(client, "race", uri)
+    runs = [client.create_run(experiment).info.run_id for _ in range(2)]
+    (tmp_path / "worker.py").write_text(WORKER)
+    log, go = tmp_path / "promotions.jsonl", tmp_path / "go"
+    lock = registry.lock_path(tracking.local_store_path(uri))
+    with open(lock, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # hold the gate: both must queue behind it
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(tmp_path / "worker.py"), uri, run, value, str(log), str(tmp_path / f"ready{i}"), str(go)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            for i, (run, value) in enumerate(zip(runs, ("100.0", "90.0")))
+        ]  # fmt: skip
+        deadline = time.monotonic() + 180
+        while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.05)
+        go.touch()
+        time.sleep(2.0)
+        assert not log.exists() and tracking.ModelRegistry("race", uri).aliases() == {}  # both wait on the lock
+        fcntl.flock(held, fcntl.LOCK_UN)
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    decisions = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(decisions) == 2
+    first, second = decisions
+    assert first["reason"].startswith("first version") and second["champion_version"] == first["version"]
+    aliases = tracking.ModelRegistry("race", uri).aliases()
+    by_version = {d["version"]: d for d in decisions}
+    assert by_version[aliases["champion"]]["value"] == 90.0  # the better model holds it, whichever came first
+    assert aliases.get("challenger") == (second["version"] if second["value"] == 100.0 else None)

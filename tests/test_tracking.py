@@ -1,0 +1,143 @@
+"""The MLflow door: where runs go, what a pipeline run records, and a logger that outlives its server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from e2e import copy_project, run, tool_env
+from mlflow_store import free_port, fresh_store
+from vae_mlops import stages, tracking
+from vae_mlops.paths import Paths
+from vae_mlops.train import EpochStats
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> str:
+    uri = fresh_store(tmp_path / "store")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def dead_server(monkeypatch) -> str:
+    """A tracking URI on a loopback port where nothing listens; no retries, so failures are quick."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def _git_repo(root) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "README").write_text("x\n")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):  # fmt: skip
+        subprocess.run(cmd, cwd=root, check=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+
+
+# ---------------------------------------------------------------- the store
+
+
+def test_default_store_is_the_projects_sqlite_and_the_environment_overrides_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    paths = Paths(tmp_path)
+    assert tracking.tracking_uri(paths) == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    assert tracking.local_store_path(tracking.tracking_uri(paths)) == (tmp_path / "mlflow.db").resolve()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(paths) == "http://127.0.0.1:5000"
+    assert tracking.local_store_path("http://127.0.0.1:5000") is None
+
+
+def test_an_unreachable_server_is_reported_within_seconds(dead_server):
+    t0 = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match="unreachable.*unset MLFLOW_TRACKING_URI"):
+        tracking.check_reachable(dead_server)
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_later_stage_without_the_train_run_file_says_to_run_train(tmp_path, store):
+    with pytest.raises(tracking.TrackingError, match="dvc repro train"):
+        tracking.resume_run(Paths(tmp_path))
+
+
+def test_a_run_file_naming_a_run_the_store_lacks_is_a_clear_error(tmp_path, store):
+    paths = Paths(tmp_path)
+    paths.train_run_file.parent.mkdir(parents=True)
+    paths.train_run_file.write_text(json.dumps({"run_id": "0" * 32, "experiment_id": "1", "tracking_uri": "x"}))
+    with pytest.raises(tracking.TrackingError, match="cannot be read from .*dvc repro -f train"):
+        tracking.resume_run(paths)
+
+
+# ---------------------------------------------------------------- the pipeline's run
+
+
+def test_the_train_stage_logs_params_tags_epoch_metrics_and_images_into_one_run(
+    tmp_path, data_env, tiny_params, store
+):
+    root = tmp_path / "project"
+    commit = _git_repo(root)
+    paths = Paths(root)
+    manifest = stages.download(tiny_params.data, paths)
+    with tracking.train_run(tiny_params, paths, "cpu", manifest) as logger:
+        stages.train(tiny_params, paths, logger)
+
+    recorded = json.loads(paths.train_run_file.read_text())
+    client = tracking._client(store)
+    r = client.get_run(recorded["run_id"])
+    assert r.info.status == "FINISHED"
+    assert client.get_experiment(r.info.experiment_id).name == tiny_params.mlflow.experiment
+    assert r.data.params == {k: str(v) for k, v in tiny_params.flat().items()}
+    tags = r.data.tags
+    assert tags["git.commit"] == commit and tags["git.dirty"] == "false"
+    assert tags["data.dataset"] == "tiny" and tags["data.hash"] == manifest["data_hash"]
+    assert {k.removeprefix("data.sha256.") for k in tags if k.startswith("data.sha256.")} == set(manifest["files"])
+    assert tags["device"] == "cpu" and tags["torch.version"] == torch.__version__
+    epochs = tiny_params.train.epochs
+    for key in tracking.EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == list(range(1, epochs + 1)), key
+    pngs = [a.path for a in client.list_artifacts(r.info.run_id, "images") if a.path.endswith(".png")]
+    for name in ("samples", "reconstructions"):  # image_every=1: one picture per epoch each
+        steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in pngs if f"train~{name}+" in p)
+        assert steps == list(range(1, epochs + 1)), name
+
+
+def test_only_rank_zero_opens_a_run(tmp_path, tiny_params, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with tracking.train_run(tiny_params, Paths(tmp_path), "cpu", {}) as logger:
+        assert logger is None
+    assert not Paths(tmp_path).train_run_file.exists()
+
+
+def test_the_logger_survives_a_dead_server_and_fails_the_stage_at_the_end(tmp_path, dead_server):
+    paths = Paths(tmp_path)
+    paths.train_run_file.parent.mkdir(parents=True)
+    paths.train_run_file.write_text("{}")
+    logger = tracking.MlflowRunLogger(tracking.PipelineRun("0" * 32, "1", dead_server))
+    t0 = time.monotonic()
+    for epoch in (1, 2, 3):  # none of these may raise: training must go on
+        logger.log_epoch(EpochStats(epoch, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.1))
+        logger.log_images({"samples": torch.zeros(3, 4, 4)}, epoch)
+    assert logger.failure.startswith("epoch 1:")
+    assert time.monotonic() - t0 < 30  # after the first failure nothing more is tried
+    with pytest.raises(tracking.TrackingError, match=r"Training finished.*kept.*rerun `dvc repro`.*without retraining"):
+        logger.finish(paths)
+    assert not paths.train_run_file.exists()  # it named a run that misses epochs
+
+
+@pytest.mark.slow
+def test_train_command_stops_before_reading_data_when_the_server_is_unreachable(tmp_path, tiny_mirror, dead_server):
+    """Issue 5: an unreachable tracking server is a clear error before any work (no data, no model)."""
+    repo = copy_project(tmp_path / "repo")
+    env = tool_env(MLFLOW_TRACKING_URI=dead_server, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    t0 = time.monotonic()
+    proc = run([sys.executable, "-m", "vae_mlops", "train"], repo, env, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert f"the MLflow tracking server at {dead_server} is unreachable" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (repo / "models").exists() and not (repo / "data").exists()
+    assert time.monotonic() - t0 < 120  # mostly imports; the check itself takes milliseconds
