@@ -42,9 +42,6 @@ HANDOFF_KEY = "vae-train-handoff"
 SUMMARY_KEY = "vae-pipeline-summary"
 REMOTE_ENV = "VAE_DVC_REMOTE"  # a DVC remote shared with the GPU worker; "" or unset: none
 NETWORK_STAGES = ("download", "register")  # retried with backoff
-# Until params.yaml's `orchestrate` section carries them (see docs/prefect.md).
-DEFAULT_RETRIES = 3
-DEFAULT_RETRY_DELAY_S = 2.0
 HANDOFF_RE_START = "```json\n"
 
 
@@ -89,8 +86,7 @@ def validate(root: Path, overrides: Mapping[str, Any]) -> Params:
 
 
 def retry_policy(params: Params) -> tuple[int, float]:
-    cfg = params.orchestrate
-    return int(getattr(cfg, "retries", DEFAULT_RETRIES)), float(getattr(cfg, "retry_delay_s", DEFAULT_RETRY_DELAY_S))
+    return params.orchestrate.retries, float(params.orchestrate.retry_delay_s)
 
 
 @contextmanager

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, tiny_raw_params
 from vae_mlops.params import ParamsError, load_params, parse_params
@@ -56,3 +57,11 @@ def test_cli_reports_bad_override_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "train.batch_size: must be > 0" in proc.stderr and "model.nope: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_cuda_without_a_gpu_is_listed_with_the_other_problems(tiny_mirror):
+    with pytest.raises(ParamsError) as err:
+        parse_params(tiny_raw_params(**{"train.device": "cuda", "train.batch_size": 0}))
+    assert "train.device: is 'cuda' but no CUDA GPU" in str(err.value)
+    assert "train.batch_size: must be > 0" in str(err.value) and len(err.value.problems) == 2

@@ -39,6 +39,16 @@ def _non_negative(v: float) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
+def _device(v: str) -> str | None:
+    """A known device name, and `cuda` only where torch sees a GPU: reported with every other problem."""
+    known = _one_of(*DEVICES)(v)
+    if known or v != "cuda":
+        return known
+    import torch  # only for this check: parsing params stays cheap for every other value
+
+    return None if torch.cuda.is_available() else "is 'cuda' but no CUDA GPU is available here; use auto or cpu"
+
+
 def _one_of(*choices: str):
     def check(v: str) -> str | None:
         return None if v in choices else f"must be one of {', '.join(choices)}"
@@ -74,7 +84,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    device: str = _check(_one_of(*DEVICES))
+    device: str = _check(_device)
     seed: int = _check(_non_negative)
     epochs: int = _check(_positive)
     batch_size: int = _check(_positive)
@@ -118,6 +128,8 @@ class OrchestrateParams:
     retrain_cron: str = _check(lambda v: None if len(v.split()) == 5 else "must be a 5-field cron expression")
     timezone: str = _check(lambda v: None if v.strip() else "must not be empty")
     task_timeout_s: float = _check(_positive)
+    retries: int = _check(_non_negative)  # of the network-facing tasks (download, register, dvc push/pull)
+    retry_delay_s: float = _check(_positive)  # first backoff; doubles on each retry
 
 
 @dataclass(frozen=True)
