@@ -9,6 +9,7 @@ and a file holding arbitrary pickled objects is refused.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -37,11 +38,15 @@ def run_key(identity: dict[str, Any]) -> str:
 
 
 def save(path: Path, payload: dict[str, Any], sidecar: bool = True) -> None:
-    """torch.save to a temp file, fsync, rename; then the checksum sidecar.
+    """torch.save into memory, then write a temp file, fsync, rename; then the checksum sidecar.
 
-    The final model file goes without a sidecar: DVC already records its hash.
+    Serialising to memory first turns a full disk into a plain `OSError` on the
+    file write (torch's zip writer reports it as an opaque RuntimeError), which
+    `atomic` names. The final model file goes without a sidecar: DVC already records its hash.
     """
-    atomic.write_with(path, lambda tmp: torch.save(payload, tmp))
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic.write_bytes(path, buffer.getbuffer())
     if sidecar:
         atomic.write_text(_sidecar(path), atomic.sha256_file(path) + "\n")
 

@@ -16,6 +16,7 @@ from typing import Callable
 import yaml
 
 from vae_mlops import data, registry, stages, tracking
+from vae_mlops.atomic import WriteError
 from vae_mlops.checkpoint import CheckpointError
 from vae_mlops.data import DataError
 from vae_mlops.metrics import MetricsError
@@ -34,6 +35,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     TrackingError,
     MetricsError,
     RegistryError,
+    WriteError,
 )
 
 log = logging.getLogger("vae_mlops")
