@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -90,17 +89,18 @@ def run_logged(
                 logger.info(line)
         rc = proc.wait()
     finally:
-        _stop(proc)
+        stop_process_group(proc)
     if rc != 0:
         tail = "\n".join(out[-25:])
         raise CommandFailed(f"`{' '.join(cmd)}` failed with exit code {rc}:\n{tail}")
     return out
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after `grace_s`."""
     if proc.poll() is not None:
         return
-    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
             proc.wait(wait_s)

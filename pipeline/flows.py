@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -32,7 +31,7 @@ from prefect.states import Cancelling
 from prefect.tasks import exponential_backoff
 
 from pipeline import dvcrun
-from vae_mlops.params import Params, ParamsError, apply_overrides, parse_params, read_raw
+from vae_mlops.params import Params, ParamsError, apply_overrides, parse_params, parse_set_args, read_raw
 from vae_mlops.paths import Paths
 
 PIPELINE_FLOW = "vae-pipeline"
@@ -393,16 +392,6 @@ def summary_markdown(s: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------- `python -m pipeline.flows`
 
 
-def _parse_sets(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ParamsError([f"-S {pair}: expected KEY=VALUE"], "the command line")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run `vae-pipeline` once; a bad param is one error before Prefect starts."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.flows", description=__doc__.splitlines()[0])
@@ -415,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     named = {"epochs": args.epochs, "latent_dim": args.latent_dim, "dataset": args.dataset}
     try:
-        overrides = _parse_sets(args.set)
+        overrides = parse_set_args(args.set)
         validate(resolve_root(args.root), merge_overrides(overrides, **named))
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from typing import Iterator, Mapping
 
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_API_PORT, temporary_settings
 
-from pipeline import deploy
+from pipeline import deploy, dvcrun
 from pipeline.flows import resolve_root
 from vae_mlops.params import load_params
 
@@ -75,17 +74,7 @@ def process_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str,
 
 def stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
     """SIGTERM the process group, then SIGKILL what is left."""
-    if proc.poll() is not None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(wait_s)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    dvcrun.stop_process_group(proc, grace_s)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ a worker that cannot see the data at all.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import signal
 import subprocess
@@ -177,7 +178,9 @@ def _pipeline_with_gpu_worker(machines: Machines, served: Served, train_source: 
                 GPU_POOL, served.api_url, served.home, run_once=True, stdout=out, stderr=subprocess.STDOUT
             )
 
-    launcher = threading.Thread(target=start_worker_when_training_is_queued, daemon=True)
+    # Prefect's settings (the served API URL) live in context variables, which a new thread does not inherit
+    context = contextvars.copy_context()
+    launcher = threading.Thread(target=context.run, args=(start_worker_when_training_is_queued,), daemon=True)
     launcher.start()
     try:
         state = flows.vae_pipeline(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -206,3 +207,29 @@ def test_bad_flow_parameters_are_one_error_before_any_work(harness, tiny_mirror,
     err = capsys.readouterr().err
     assert err.startswith("error: 2 problem(s)") and "Traceback" not in err
     assert "train.epochs: must be > 0" in err and "model.latent_dim: must be > 0" in err
+
+
+def test_flow_after_a_sigkilled_dvc_repro_resumes_from_the_checkpoint(harness, tiny_mirror, tmp_path, monkeypatch):
+    """The SIGKILL row of docs/faults.md, rerun through the flow rather than `dvc repro`."""
+    from test_faults import checkpoints, same_weights, wait_for
+
+    from vae_mlops import checkpoint
+
+    monkeypatch.setenv("VAE_DATA_MIRROR", str(tiny_mirror))
+    epochs = {"train.epochs": 40}
+    straight = copy_project(tmp_path / "straight", **epochs)
+    dvc("repro", "train", cwd=straight)
+    killed = copy_project(tmp_path / "killed", **epochs)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=killed, env=tool_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    wait_for(lambda: any(p.name == "epoch-0003.pt" for p in checkpoints(killed)), proc=proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = checkpoint.load(checkpoints(killed)[-1])["history"]  # timings included: a retrain would differ
+
+    state = flows.vae_pipeline(root=str(killed), return_state=True)
+
+    assert state.is_completed(), state.message
+    final = checkpoint.load(killed / "models" / "vae.pt")["history"]
+    assert final[: len(saved)] == saved and len(final) == 40
+    assert same_weights(straight / "models" / "vae.pt", killed / "models" / "vae.pt")

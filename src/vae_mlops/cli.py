@@ -13,14 +13,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import yaml
 
 from vae_mlops import data, registry, stages, tracking
 from vae_mlops.atomic import WriteError
 from vae_mlops.checkpoint import CheckpointError
 from vae_mlops.data import DataError
 from vae_mlops.metrics import MetricsError
-from vae_mlops.params import ParamsError, load_params
+from vae_mlops.params import ParamsError, load_params, parse_set_args
 from vae_mlops.paths import Paths
 from vae_mlops.registry import RegistryError
 from vae_mlops.tracking import TrackingError
@@ -41,15 +40,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
 log = logging.getLogger("vae_mlops")
 
 
-def _overrides(pairs: list[str]) -> dict:
-    """`-S train.epochs=3` -> {"train.epochs": 3}, values parsed as YAML (like `dvc exp run -S`)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ParamsError([f"-S {pair}: expected key=value"], "the command line")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+_overrides = parse_set_args
 
 
 def _cmd_download(args: argparse.Namespace) -> dict:

@@ -252,3 +252,13 @@ def load_params(path: Path = Path("params.yaml"), overrides: Mapping[str, Any] |
         raw = apply_overrides(raw if isinstance(raw, Mapping) else {}, overrides)
     return parse_params(raw, str(path))
 
+
+def parse_set_args(pairs: list[str]) -> dict[str, Any]:
+    """`-S train.epochs=3` -> {"train.epochs": 3}, values parsed as YAML (as `dvc exp run -S` does)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ParamsError([f"-S {pair}: expected KEY=VALUE"], "the command line")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
