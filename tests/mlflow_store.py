@@ -6,6 +6,7 @@ here); every test store is a copy of one migrated once per test session.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import requests
 
@@ -78,10 +80,13 @@ class MlflowServer:
         raise RuntimeError(f"mlflow server did not answer in {timeout_s}s")
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
-        """Stop the server and its workers (its own process group)."""
-        if self.proc is None or self.proc.poll() is not None:
+        """Stop the server and its workers (its own process group, even once its leader has exited)."""
+        if self.proc is None:
             return
-        os.killpg(self.proc.pid, sig)
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:  # the whole group is gone already
+            pass
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -92,3 +97,44 @@ class MlflowServer:
         resp = requests.request(method, f"{self.url}/api/2.0/mlflow/{endpoint}", timeout=30, **kwargs)
         resp.raise_for_status()
         return resp.json()
+
+    # What a user or another tool sees: the server's REST API only, no MLflow client.
+
+    def runs(self, experiment: str) -> list[dict]:
+        """Every run of the experiment named `experiment`, oldest first; params and tags as dicts."""
+        exp = self.api("GET", "experiments/get-by-name", params={"experiment_name": experiment})["experiment"]
+        found = self.api("POST", "runs/search", json={"experiment_ids": [exp["experiment_id"]]}).get("runs", [])
+        for run in found:
+            data = run.setdefault("data", {})
+            for kind in ("params", "tags"):
+                data[kind] = as_dict(data.get(kind, []))
+            data["metrics"] = {m["key"]: m["value"] for m in data.get("metrics", [])}
+        return sorted(found, key=lambda r: r["info"]["start_time"])
+
+    def metric_steps(self, run_id: str, key: str) -> list[int]:
+        history = self.api("GET", "metrics/get-history", params={"run_id": run_id, "metric_key": key})
+        return sorted(m["step"] for m in history.get("metrics", []))
+
+    def artifacts(self, run_id: str, path: str = "") -> list[str]:
+        listing = self.api("GET", "artifacts/list", params={"run_id": run_id, "path": path})
+        return [f["path"] for f in listing.get("files", [])]
+
+    def model_version(self, name: str, alias: str) -> dict:
+        mv = self.api("GET", "registered-models/alias", params={"name": name, "alias": alias})["model_version"]
+        mv["tags"] = as_dict(mv.get("tags", []))
+        return mv
+
+
+def as_dict(items: list[dict]) -> dict[str, str]:
+    """The REST API's `[{"key": k, "value": v}, ...]` as `{k: v}`."""
+    return {item["key"]: item.get("value", "") for item in items}
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, port: int | None = None) -> Iterator[MlflowServer]:
+    """A started `MlflowServer` over `folder`, killed (with its workers) when the block ends."""
+    server = MlflowServer(folder, port)
+    try:
+        yield server.start()
+    finally:
+        server.kill()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from e2e import copy_project, dvc, tool_env
+from mlflow_store import MlflowServer, free_port, mlflow_server
 from vae_mlops import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -162,3 +165,106 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(mirror_env,
     assert not [p for p in (repo / "models").rglob("*.tmp")]
     cli("train", cwd=repo, check=True)  # disk freed: the rerun resumes and completes
     assert checkpoint.load_model(repo / "models" / "vae.pt")[1]["epoch"] == 2
+
+
+# ---------------------------------------------------------------- the MLflow tracking server
+
+
+def _epochs_logged(server: MlflowServer, run_file: Path) -> int:
+    """How many epochs of `train/loss` the server holds for the run the train stage recorded (0 before it exists)."""
+    if not run_file.is_file():
+        return 0
+    try:
+        return len(server.metric_steps(json.loads(run_file.read_text())["run_id"], "train/loss"))
+    except (ValueError, OSError):  # the run file mid-write, or the server busy
+        return 0
+
+
+def _files(folder: Path) -> dict[Path, tuple[int, bytes]]:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_mlflow_server_dying_mid_run_keeps_training_and_a_rerun_registers_without_retraining(mirror_env, tmp_path):
+    repo = copy_project(tmp_path / "repo", **EPOCHS)
+    epochs = EPOCHS["train.epochs"]
+    with mlflow_server(tmp_path / "mlflow") as server:
+        env = tool_env(MLFLOW_TRACKING_URI=server.url)
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=repo, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        run_file = repo / "reports" / "mlflow_run.json"
+        wait_for(lambda: _epochs_logged(server, run_file) >= 1, proc=proc)
+        server.kill(signal.SIGKILL)  # the server and its workers, as in a crash or an OOM kill
+        out, _ = proc.communicate(timeout=300)
+
+        # Training went on to the end; its outputs are kept; the stage failed saying what to do.
+        assert proc.returncode != 0
+        lost = re.search(rf"error: lost the MLflow tracking store {re.escape(server.url)} at epoch (\d+)", out)
+        assert lost and int(lost.group(1)) < epochs, out  # the server died mid-run, not after it
+        assert f"epoch {epochs}/{epochs}" in out and "Training finished and its outputs are kept" in out
+        assert "rerun `dvc repro`" in out and "Traceback" not in out
+        assert checkpoint.load_model(repo / "models" / "vae.pt")[1]["epoch"] == epochs
+        assert checkpoints(repo)[-1].name == f"epoch-{epochs:04d}.pt"
+        for name in ("mlflow_run.json", "metrics.json", "registration.json", "promotions.jsonl"):
+            assert not (repo / "reports" / name).exists(), name  # nothing evaluated or registered
+        kept = _files(repo / "models" / "checkpoints")
+        trained = tmp_path / "trained.pt"
+        trained.write_bytes((repo / "models" / "vae.pt").read_bytes())
+        old_run = re.search(r"\(run (\w+) stays incomplete\)", out).group(1)
+
+        # The same server (port and store) back: the rerun logs and registers without a training epoch.
+        server.start()
+        rerun = dvc("repro", cwd=repo, env=env)
+        text = rerun.stdout + rerun.stderr
+        assert re.search(rf"resuming from checkpoint \w+ epoch {epochs}\b", text)
+        assert not re.search(r"vae_mlops.stages.train: epoch \d+/", text)  # no epoch was trained
+        assert _files(repo / "models" / "checkpoints") == kept
+        assert same_weights(trained, repo / "models" / "vae.pt")
+
+        runs = {r["info"]["run_id"]: r for r in server.runs("vae-mnist")}
+        new_run = json.loads((repo / "reports" / "mlflow_run.json").read_text())["run_id"]
+        assert set(runs) == {old_run, new_run}
+        assert runs[old_run]["info"]["status"] == "RUNNING"  # incomplete, as the error said
+        assert runs[new_run]["info"]["status"] == "FINISHED"
+        assert server.metric_steps(new_run, "train/loss") == list(range(1, epochs + 1))  # every epoch, from history
+        assert "test.nll_iwae" in runs[new_run]["data"]["metrics"]
+        champion = server.model_version("vae-mnist", "champion")
+        assert champion["run_id"] == new_run
+        registration = json.loads((repo / "reports" / "registration.json").read_text())
+        assert (registration["version"], registration["alias"]) == (champion["version"], "champion")
+
+
+def test_unreachable_mlflow_server_stops_dvc_repro_before_training(mirror_env, tmp_path):
+    repo = copy_project(tmp_path / "repo")
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    out = dvc("repro", cwd=repo, env=tool_env(MLFLOW_TRACKING_URI=dead), check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert f"error: the MLflow tracking server at {dead} is unreachable" in text and "Traceback" not in text
+    assert "failed to reproduce 'train'" in text
+    assert (repo / "data" / "raw" / "tiny").is_dir()  # download needs no tracking store and ran
+    assert not (repo / "models").exists() and not (repo / "reports").exists()  # train stopped before any work
+
+
+def test_mlflow_server_dying_during_evaluate_is_a_clear_error_and_a_rerun_completes(mirror_env, tmp_path):
+    repo = copy_project(tmp_path / "repo", **{"train.epochs": 1})
+    with mlflow_server(tmp_path / "mlflow") as server:
+        env = tool_env(MLFLOW_TRACKING_URI=server.url)
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=repo, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        # evaluate writes metrics.json, draws its pictures, then logs both: the server dies in between
+        wait_for(lambda: (repo / "reports" / "metrics.json").exists(), proc=proc)
+        server.kill(signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode != 0 and "failed to reproduce 'evaluate'" in out
+        assert f"error: lost the MLflow tracking store {server.url} during this stage" in out, out
+        assert "rerun `dvc repro`" in out and "Traceback" not in out
+        assert not (repo / "reports" / "registration.json").exists()
+
+        server.start()
+        rerun = dvc("repro", cwd=repo, env=env)
+        assert "Stage 'train' didn't change, skipping" in rerun.stdout + rerun.stderr
+        run_id = json.loads((repo / "reports" / "mlflow_run.json").read_text())["run_id"]
+        (run,) = server.runs("vae-mnist")
+        assert run["info"]["run_id"] == run_id and run["info"]["status"] == "FINISHED"
+        assert "test.nll_iwae" in run["data"]["metrics"]
+        assert server.model_version("vae-mnist", "champion")["run_id"] == run_id

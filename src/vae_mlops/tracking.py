@@ -363,16 +363,39 @@ def resume_run(paths: Paths) -> PipelineRun:
 
 @contextlib.contextmanager
 def stage_run(paths: Paths) -> Iterator[PipelineRun]:
-    """Reopen the pipeline's run for a later stage; FINISHED when the stage succeeds, FAILED when it raises."""
+    """Reopen the pipeline's run for a later stage; FINISHED when the stage succeeds, FAILED when it raises.
+
+    A store that stops answering during the stage becomes a `TrackingError` that says to rerun.
+    """
     run = resume_run(paths)
     run.client.update_run(run.run_id, status="RUNNING")
     try:
         yield run
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(Exception):
             run.end("FAILED")
+        if isinstance(exc, Exception):
+            _raise_if_store_lost(run, exc)
         raise
-    run.end("FINISHED")
+    try:
+        run.end("FINISHED")
+    except Exception as exc:
+        _raise_if_store_lost(run, exc)
+        raise
+
+
+def _raise_if_store_lost(run: PipelineRun, exc: Exception) -> None:
+    """Raise `TrackingError` from `exc` if the store no longer answers; return if it does (`exc` is another fault)."""
+    if isinstance(exc, TrackingError):
+        return
+    try:
+        check_reachable(run.uri)
+    except TrackingError:
+        raise TrackingError(
+            f"lost the MLflow tracking store {run.uri} during this stage ({type(exc).__name__}: {str(exc)[:300]}). "
+            f"Run {run.run_id} misses this stage's results. Once the store answers again, rerun `dvc repro`: "
+            "earlier stages are not rerun, and this one logs into the same run."
+        ) from exc
 
 
 # ---------------------------------------------------------------- the train stage's logger
