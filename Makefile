@@ -40,8 +40,12 @@ ui: setup ## the MLflow UI on http://127.0.0.1:$(UI_PORT) (runs, images, registe
 history: setup ## the Model Registry's promotion log: who was champion when
 	python -m vae_mlops registry history
 
-train-ddp: setup ## data-parallel training on this machine: make train-ddp NPROC=2
+# DVC's train cmd is one process, so the DDP run is recorded with `dvc commit`: then `dvc repro`
+# goes on to evaluate and register, and `dvc push` ships the model. docs/distributed.md
+train-ddp: setup ## the train stage as DDP on this machine (torchrun), recorded in dvc.lock: make train-ddp NPROC=2
+	dvc repro download
 	torchrun --standalone --nproc_per_node=$(NPROC) -m vae_mlops train
+	dvc commit --force train
 
 flow: setup ## the whole pipeline as a Prefect flow on Prefect's ephemeral API
 	python -m pipeline.flows

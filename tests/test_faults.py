@@ -227,6 +227,7 @@ def test_mlflow_server_dying_mid_run_keeps_training_and_a_rerun_registers_withou
         assert runs[new_run]["info"]["status"] == "FINISHED"
         assert server.metric_steps(new_run, "train/loss") == list(range(1, epochs + 1))  # every epoch, from history
         assert "test.nll_iwae" in runs[new_run]["data"]["metrics"]
+        assert "images" in server.artifacts(new_run)  # the final epoch's grids, though no epoch ran
         champion = server.model_version("vae-mnist", "champion")
         assert champion["run_id"] == new_run
         registration = json.loads((repo / "reports" / "registration.json").read_text())

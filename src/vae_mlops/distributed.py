@@ -49,6 +49,9 @@ class Single:
     def barrier(self) -> None:
         pass
 
+    def ranks_differing(self, tensors: list[torch.Tensor]) -> int:
+        return 0
+
 
 @dataclass(frozen=True)
 class Group(Single):
@@ -70,6 +73,15 @@ class Group(Single):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def ranks_differing(self, tensors: list[torch.Tensor]) -> int:
+        """How many ranks hold `tensors` not bitwise equal to rank 0's: DDP's replicas must never drift."""
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        main = flat.clone()
+        dist.broadcast(main, src=0)
+        differs = torch.tensor([0.0 if torch.equal(flat, main) else 1.0], device=flat.device)
+        dist.all_reduce(differs)
+        return int(differs.item())
 
 
 def launched_by_torchrun() -> bool:
@@ -103,12 +115,15 @@ def session(distributed: bool, device_type: str) -> Iterator[Single]:
         yield Single()
         return
     own = not dist.is_initialized()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_type == "cuda":  # before the group exists, so NCCL's communicator uses this rank's GPU, not GPU 0
+        torch.cuda.set_device(local_rank)
     if own and launched_by_torchrun():
         dist.init_process_group(backend_for(torch.device(device_type)), timeout=TIMEOUT)
     elif own:
         init = f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(backend_for(torch.device(device_type)), init, timeout=TIMEOUT, rank=0, world_size=1)
-    group = Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    group = Group(dist.get_rank(), dist.get_world_size(), local_rank)
     log.info("DDP rank %d of %d (%s)", group.rank, group.world_size, dist.get_backend())
     try:
         yield group

@@ -3,6 +3,7 @@
 Under DDP (`torchrun`, or `train.distributed: true`) every rank runs this function:
 all ranks load the data and resume from the checkpoint rank 0 found, and only rank 0
 writes checkpoints, the model, the history and the pictures, and talks to the logger.
+Before it writes the model, every rank's weights are checked against rank 0's.
 """
 
 from __future__ import annotations
@@ -158,6 +159,32 @@ def train(params: Params, paths: Paths, logger: RunLogger | None = None) -> dict
         return _train(params, paths, logger if world.is_main else None, distributed.device_for(device, world), world)
 
 
+class ReplicasDiverged(RuntimeError):
+    """Under DDP the ranks ended with different weights: a bug in the data-parallel step, never a user fault."""
+
+
+def _check_same_data(data_hash: str, world: Single, device: torch.device) -> None:
+    """Every rank raises (none waits in a collective) when some rank holds other data than rank 0."""
+    other = torch.tensor([float(world.broadcast_object(data_hash) != data_hash)], device=device)
+    if world.all_reduce(other).item():
+        raise data.DataError(
+            f"{int(other.item())} of {world.world_size} ranks hold other data than rank 0 "
+            f"(this is rank {world.rank}, data hash {data_hash[:12]}…): `dvc pull` the same data on every node"
+        )
+
+
+def _check_replicas(state: TrainState, world: Single) -> None:
+    """Before rank 0 writes the model: every rank must hold rank 0's weights, bit for bit."""
+    differing = world.ranks_differing(list(state.model.parameters()))
+    if differing:
+        raise ReplicasDiverged(
+            f"after training, {differing} of {world.world_size} DDP ranks hold weights that differ from rank 0's; "
+            "the model file was not written"
+        )
+    if world.active and world.is_main:
+        log.info("weights identical on all %d ranks", world.world_size)
+
+
 def _resume_point(paths: Paths, key: str, world: Single) -> dict | None:
     """Rank 0 picks the newest good checkpoint; every rank resumes from that one."""
     ckpt = checkpoint.latest_good(paths.checkpoints_dir, key) if world.is_main else None
@@ -169,8 +196,7 @@ def _train(params: Params, paths: Paths, logger: RunLogger | None, device: torch
     cfg = params.train
     td = load_train_data(params, paths, device)
     data_hash = td.manifest["data_hash"]
-    if world.broadcast_object(data_hash) != data_hash:
-        raise data.DataError(f"rank {world.rank} holds other data ({data_hash[:12]}…) than rank 0: sync data/ first")
+    _check_same_data(data_hash, world, device)
     key = checkpoint_key(params, data_hash, device, world.world_size)
     state = build_state(params, device)
     ckpt = _resume_point(paths, key, world)
@@ -198,11 +224,15 @@ def _train(params: Params, paths: Paths, logger: RunLogger | None, device: torch
             "training on %s x %d: %d train, %d val images, global batch %d, run key %s",
             device.type, world.world_size, len(td.x_train), len(td.x_val), cfg.batch_size * world.world_size, key,
         )  # fmt: skip
+    resumed_at = state.epoch
     history = fit(state, td.x_train, td.x_val, cfg, params.model.likelihood, on_epoch, world)
+    _check_replicas(state, world)
     if world.is_main:
         if not paths.history_file.exists() or ckpt is not None:
             write_history(paths.history_file, history)
-            write_grids(state.model, td.x_val, paths, cfg.seed)
+            grids = write_grids(state.model, td.x_val, paths, cfg.seed)
+            if resumed_at == state.epoch:  # nothing left to train: the new run still gets the final pictures
+                logger.log_images(grids, state.epoch)
         payload = checkpoint.model_payload(
             state.model, params=params.to_dict(), data_hash=data_hash, history=history, epoch=state.epoch
         )
