@@ -41,6 +41,8 @@ from prefect.client.schemas.filters import (  # noqa: E402
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType  # noqa: E402
+from prefect.events.worker import EventsWorker  # noqa: E402
+from prefect.logging.handlers import APILogWorker  # noqa: E402
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings  # noqa: E402
 
 from pipeline import deploy, flows, serve  # noqa: E402
@@ -102,10 +104,21 @@ def served(machines, tmp_path_factory):
             time.sleep(0.5)
         with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_HOME: str(home)}):
             yield Served(api_url, home, log)
+            drain_prefect_clients()
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
     assert not serve.port_in_use(port), "the server outlived make serve"
+
+
+def drain_prefect_clients(timeout_s: float = 30) -> None:
+    """Flush this process's Prefect log and event workers while their server is up.
+
+    They are process-wide singletons bound to the server they first talked to; left
+    behind, they block the next `prefect_test_harness` teardown, which drains them all.
+    """
+    APILogWorker.drain_all(timeout=timeout_s)
+    EventsWorker.drain_all(timeout=timeout_s)
 
 
 def _flow_runs(**filters) -> list:
