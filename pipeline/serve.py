@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -121,11 +122,28 @@ def start_worker(pool: str, api_url: str, home: Path, run_once: bool = False, ex
     return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True, **popen)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both stop the worker and the server cleanly.
+
+    Set explicitly: a process started in the background by a non-interactive
+    shell (CI, nohup) inherits SIGINT as ignored, and Python then never raises
+    KeyboardInterrupt; SIGTERM (docker stop, systemd) would otherwise kill this
+    process alone and orphan the server and worker it started.
+    """
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="the checkout (default: this one)")
     parser.add_argument("--port", type=int, default=None, help="local server port (default PREFECT_SERVER_API_PORT)")
     args = parser.parse_args(argv)
+    stop_on_signals()
     root = resolve_root(args.root)
     params = load_params(root / "params.yaml")
     home = Path(PREFECT_HOME.value()).expanduser()

@@ -8,6 +8,7 @@ a worker that cannot see the data at all.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 # Before Prefect is imported: its home (profiles, local results) in a temp dir, not the repo's .prefect.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
 
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
@@ -106,8 +108,15 @@ def served(machines, tmp_path_factory):
             yield Served(api_url, home, log)
             drain_prefect_clients()
     finally:
+        children = psutil.Process(proc.pid).children(recursive=True)  # the server and worker: own sessions
         proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            for p in [proc, *children]:  # leave nothing running, then fail
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    psutil.Process(p.pid).kill()
+            raise
     assert not serve.port_in_use(port), "the server outlived make serve"
 
 

@@ -66,7 +66,7 @@ def test_make_ui_serves_the_mlflow_ui_on_loopback_only(tmp_path):
     port = free_port()
     venv = Path(sys.executable).parent.parent
     # `-o setup`: the venv exists; run the `ui` target's own recipe, as `make ui` would, from tmp_path.
-    make = ["make", "-f", str(ROOT / "Makefile"), "-o", "setup", "ui", f"UI_PORT={port}", f"VENV={venv}"]
+    make = ["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), "-o", "setup", "ui", f"UI_PORT={port}", f"VENV={venv}"]
     dry = subprocess.run([*make, "-n"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert dry.startswith("mlflow ui ") and f"sqlite:///{tmp_path}/mlflow.db" in dry
     assert f"--host {LOOPBACK} --port {port}" in dry
