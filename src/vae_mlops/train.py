@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vae_mlops.distributed import Single
@@ -109,13 +108,22 @@ def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device) -> Te
 # ---------------------------------------------------------------- the ELBO's sums and gradients
 
 
+def _softplus(logits: Tensor) -> Tensor:
+    """softplus(l) = max(l, 0) + log(1 + exp(-|l|)), exact to float32 rounding.
+
+    At one batch's size (128 x 784) torch's CPU softplus takes about 0.5 ms, a
+    tenth of a training step; these four vectorised kernels take 0.15 ms.
+    """
+    return torch.exp(-logits.abs()).add_(1).log_().add_(logits.clamp(min=0))
+
+
 def _recon_sum(logits: Tensor, x: Tensor, likelihood: str) -> Tensor:
     """Summed reconstruction term, the same maths as `model.recon_loss` in fewer kernels.
 
     bernoulli: BCE-with-logits = softplus(l) - x * l, summed; gaussian: sum (sigmoid(l) - x)^2.
     """
     if likelihood == "bernoulli":
-        return F.softplus(logits).sum() - torch.dot(logits.reshape(-1), x.reshape(-1))
+        return _softplus(logits).sum() - torch.dot(logits.reshape(-1), x.reshape(-1))
     if likelihood == "gaussian":
         return (torch.sigmoid(logits) - x).pow(2).sum()
     raise ValueError(f"unknown likelihood {likelihood!r}")
@@ -195,8 +203,9 @@ class ELBOSums(nn.Module):
             )  # fmt: skip
         with _autocast(x.device, self.precision):
             logits, mu, log_std = m(x, eps)
-        recon = recon_loss(logits.float(), x, m.config.likelihood).sum()
-        return torch.stack([recon, kl_divergence(mu.float(), log_std.float()).sum()])
+        wide = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> float32; float64 stays float64
+        recon = recon_loss(logits.to(wide), x, m.config.likelihood).sum()
+        return torch.stack([recon, kl_divergence(mu.to(wide), log_std.to(wide)).sum()])
 
 
 def batch_losses(model: VAE, x: Tensor, eps: Tensor, likelihood: str, precision: str) -> tuple[Tensor, Tensor]:
