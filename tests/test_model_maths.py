@@ -101,3 +101,11 @@ def test_model_has_the_tutorials_shapes():
     logits, mu, log_std = model(torch.rand(3, 784))
     assert logits.shape == (3, 784) and mu.shape == (3, 20) and log_std.shape == (3, 20)
     assert model.decode(torch.randn(2, 20)).min() >= 0 and model.decode(torch.randn(2, 20)).max() <= 1
+
+
+def test_fast_softplus_matches_torch_and_stays_finite_at_extreme_logits():
+    from vae_mlops.model import softplus
+
+    logits = torch.cat([torch.randn(10_000, dtype=torch.float64) * 5, torch.tensor([-1e4, -80.0, 0.0, 80.0, 1e4]).double()])
+    assert torch.allclose(softplus(logits.float()).double(), F.softplus(logits), rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(softplus(torch.tensor([-1e30, 1e30]))).all()

