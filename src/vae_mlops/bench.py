@@ -11,8 +11,9 @@ Adam 1e-3) from the same initial weights and seed, on the same training images
 
 An epoch's time is the training pass only (shuffle, batches, steps; no validation),
 and a row's s/epoch is the median over epochs 2..N (epoch 1 pays warm-up and CUDA
-graph capture). The bound is the epoch's matmul FLOPs at this machine's measured
-matmul rate. Writes `reports/bench.json` and prints one table.
+graph capture). The rows take their epochs in turn, so that another process's burst
+on a shared machine slows every row alike. The bound is the epoch's matmul FLOPs at
+this machine's measured matmul rate. Writes `reports/bench.json` and prints one table.
 """
 
 from __future__ import annotations
@@ -211,47 +212,59 @@ def with_train(params: Params, **changes) -> Params:
     return dataclasses.replace(params, train=dataclasses.replace(params.train, **changes))
 
 
-def run_project(params: Params, x_train: Tensor, device: torch.device, epochs: int) -> tuple[list[float], VAE]:
-    """`train_epoch` as `fit` calls it, timed per epoch; one-off setup (state, stepper) is outside the timer."""
-    from vae_mlops.stages.train import build_state
+class ProjectRun:
+    """`train_epoch` as `fit` calls it (no validation); the one-off setup (state, stepper) happens here."""
 
-    state = build_state(params, device)
-    cfg, likelihood = params.train, params.model.likelihood
-    stepper = build_stepper(state, cfg, Single())
-    times = []
-    for _ in range(epochs):
-        sync(device)
-        t0 = time.perf_counter()
-        loss, _, _, bad = train_epoch(state, x_train, cfg, likelihood, epochs, stepper).tolist()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        state.epoch += 1
+    def __init__(self, params: Params, x_train: Tensor, device: torch.device, epochs: int) -> None:
+        from vae_mlops.stages.train import build_state
+
+        self.state = build_state(params, device)
+        self.cfg, self.x_train, self.epochs = params.train, x_train, epochs
+        self.stepper = build_stepper(self.state, self.cfg, Single())
+
+    def epoch(self) -> None:
+        s = self.state
+        out = train_epoch(s, self.x_train, self.cfg, s.model.config.likelihood, self.epochs, self.stepper)
+        loss, _, _, bad = out.tolist()  # the loop's one host sync per epoch
+        s.epoch += 1
         if bad >= 0 or not math.isfinite(loss):
-            raise TrainingDiverged(f"bench: loss became NaN/inf at epoch {state.epoch}, batch {int(bad)}")
-    return times, state.model
+            raise TrainingDiverged(f"bench: loss became NaN/inf at epoch {s.epoch}, batch {int(bad)}")
+
+    def trained(self) -> VAE:
+        return self.state.model
 
 
-def run_baseline(params: Params, loader, device: torch.device, epochs: int) -> tuple[list[float], VAE]:
-    """The example's loop from the project's initial weights; returns the trained weights as a project `VAE`."""
-    from vae_mlops.stages.train import build_state
+class BaselineRun:
+    """The example's loop from the project's initial weights; shuffle and noise come from the global RNG, as there."""
 
-    ours = build_state(params, device).model
-    cfg = ours.config
-    model = ExampleVAE(cfg.input_dim, cfg.hidden_dim, cfg.latent_dim).to(device)
-    copy_weights(ours, model, to_example=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
-    torch.manual_seed(params.train.seed)  # the example seeds once; its shuffle and noise draw from the global RNG
-    times = []
-    for _ in range(epochs):
-        sync(device)
-        t0 = time.perf_counter()
-        loss = example_epoch(model, loader, optimizer, device)
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    def __init__(self, params: Params, loader, device: torch.device) -> None:
+        from vae_mlops.stages.train import build_state
+
+        self.ours = build_state(params, device).model
+        cfg = self.ours.config
+        self.model = ExampleVAE(cfg.input_dim, cfg.hidden_dim, cfg.latent_dim).to(device)
+        copy_weights(self.ours, self.model, to_example=True)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=params.train.lr)
+        self.loader, self.device, self.epochs = loader, device, 0
+
+    def epoch(self) -> None:
+        loss = example_epoch(self.model, self.loader, self.optimizer, self.device)
+        self.epochs += 1
         if not math.isfinite(loss):
-            raise TrainingDiverged(f"bench: the baseline's loss became NaN/inf at epoch {len(times)}")
-    copy_weights(model, ours, to_example=False)
-    return times, ours
+            raise TrainingDiverged(f"bench: the baseline's loss became NaN/inf at epoch {self.epochs}")
+
+    def trained(self) -> VAE:
+        """The trained weights as a project `VAE`, so every row is tested by the same code."""
+        copy_weights(self.model, self.ours, to_example=False)
+        return self.ours
+
+
+def timed(work: Callable[[], None], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    work()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -351,6 +364,7 @@ def _caption(result: dict) -> str:
 
 # ---------------------------------------------------------------- the whole benchmark
 
+BASELINE = "pytorch/examples vae: DataLoader + ToTensor, autograd, Adam"
 VARIANTS = (  # name, what, precision, train params changed; `project` last: the defaults
     ("project-autograd", "train_epoch, train.fused: false", "float32", {"fused": False}),
     ("project-bf16", "train_epoch, train.precision: bf16 (autocast)", "bf16", {"precision": "bf16"}),
@@ -381,19 +395,24 @@ def load_bench_data(params: Params, paths: Paths, device: torch.device, limit: i
 
 
 def train_rows(params: Params, bd: BenchData, device: torch.device, epochs: int) -> tuple[list[Row], VAE]:
-    """Every row from the same initial weights; also returns the `project` row's trained model."""
-    seed = params.evaluate.seed
+    """Every row from the same initial weights, epochs taken in turn: a burst of another process hits all rows alike.
+
+    Also returns the `project` row's trained model.
+    """
     with tempfile.TemporaryDirectory(prefix="bench-mnist-") as tmp:
         loader = example_loader(bd.raw_dir, Path(tmp), bd.train_idx, params.train.batch_size)
-        log.info("bench: baseline")
-        times, model = run_baseline(params, loader, device, epochs)
-    what = "pytorch/examples vae: DataLoader + ToTensor, autograd, Adam"
-    rows = [Row("baseline", what, "float32", times, test_loss(model, bd.x_test, seed))]
-    for name, what, precision, changes in VARIANTS:
-        log.info("bench: %s", name)
-        times, model = run_project(with_train(params, **changes), bd.x_train, device, epochs)
-        rows.append(Row(name, what, precision, times, test_loss(model, bd.x_test, seed)))
-    return rows, model
+        runs = [("baseline", BASELINE, "float32", BaselineRun(params, loader, device))]
+        for name, what, precision, changes in VARIANTS:
+            runs.append((name, what, precision, ProjectRun(with_train(params, **changes), bd.x_train, device, epochs)))
+        torch.manual_seed(params.train.seed)  # as the example does; nothing else draws from the global RNG
+        times: dict[str, list[float]] = {name: [] for name, *_ in runs}
+        for epoch in range(1, epochs + 1):
+            for name, _, _, run in runs:
+                times[name].append(timed(run.epoch, device))
+            log.info("bench: epoch %d: %s", epoch, ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()))
+    seed = params.evaluate.seed
+    rows = [Row(name, what, p, times[name], test_loss(run.trained(), bd.x_test, seed)) for name, what, p, run in runs]
+    return rows, runs[-1][3].trained()
 
 
 def time_iwae(model: VAE, x_test: Tensor, k: int, cfg: EvaluateParams) -> tuple[float, float]:
