@@ -35,7 +35,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
 from vae_mlops import atomic, data, metrics
@@ -44,7 +43,7 @@ from vae_mlops.data import DataError
 from vae_mlops.datasets import get_dataset
 from vae_mlops.distributed import Single
 from vae_mlops.model import VAE
-from vae_mlops.params import EvaluateParams, Params, ParamsError, load_params
+from vae_mlops.params import EvaluateParams, Params, ParamsError, load_params, parse_set_args
 from vae_mlops.paths import Paths
 from vae_mlops.train import (
     DeviceError,
@@ -501,17 +500,6 @@ def bench(
     return result
 
 
-def _overrides(pairs: list[str]) -> dict:
-    """`-S train.epochs=3` -> {"train.epochs": 3}, values parsed as YAML, as `python -m vae_mlops` does."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ParamsError([f"-S {pair}: expected key=value"], "the command line")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vae_mlops.bench", description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=3, help="epochs per row (default 3)")
@@ -532,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     paths = Paths(args.root)
     try:
-        overrides = {**EXAMPLE, **_overrides(args.set), **({"train.device": args.device} if args.device else {})}
+        overrides = {**EXAMPLE, **parse_set_args(args.set), **({"train.device": args.device} if args.device else {})}
         params = load_params(args.params, overrides)
         threads = params.train.threads if args.threads is None else args.threads
         if threads:
