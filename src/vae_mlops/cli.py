@@ -40,16 +40,13 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
 log = logging.getLogger("vae_mlops")
 
 
-_overrides = parse_set_args
-
-
 def _cmd_download(args: argparse.Namespace) -> dict:
-    params = load_params(args.params, _overrides(args.set))
+    params = load_params(args.params, parse_set_args(args.set))
     return stages.download(params.data, Paths(args.root))
 
 
 def _cmd_train(args: argparse.Namespace) -> dict:
-    params = load_params(args.params, _overrides(args.set))
+    params = load_params(args.params, parse_set_args(args.set))
     paths = Paths(args.root)
     if tracking.is_logging_rank():
         tracking.connect(paths)  # an unreachable server fails here, before any data is read
@@ -60,14 +57,14 @@ def _cmd_train(args: argparse.Namespace) -> dict:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict:
-    params = load_params(args.params, _overrides(args.set))
+    params = load_params(args.params, parse_set_args(args.set))
     paths = Paths(args.root)
     with tracking.stage_run(paths) as run:
         return stages.evaluate(params, paths, run)
 
 
 def _cmd_register(args: argparse.Namespace) -> dict:
-    params = load_params(args.params, _overrides(args.set))
+    params = load_params(args.params, parse_set_args(args.set))
     paths = Paths(args.root)
     with tracking.stage_run(paths) as run:
         result = stages.register(params, paths, run)
@@ -81,7 +78,7 @@ def _cmd_registry(args: argparse.Namespace) -> None:
 
     paths = Paths(args.root)
     if args.registry:
-        params = load_params(args.params, _overrides(args.set))
+        params = load_params(args.params, parse_set_args(args.set))
         reg = tracking.ModelRegistry(params.register.model_name, tracking.connect(paths))
         rows, title = registry.registry_history(reg), f"promotions of {reg.name} (registry tags)"
     else:

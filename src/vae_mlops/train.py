@@ -8,8 +8,8 @@ buffer that is read once at the end of the epoch, so there is no host sync per
 step on a GPU and the NaN check still names the batch.
 
 In float32 the step runs `FusedELBO`: the forward pass and a hand-written
-backward pass of the same ELBO (Kingma & Welling 2014) in about half the
-kernels autograd launches. bf16 autocast and torch.compile go through autograd.
+backward pass of the same ELBO (Kingma & Welling 2014), with no autograd graph
+to record (about 56 ops a step against autograd's 60). bf16 autocast and torch.compile go through autograd.
 Under DDP each rank takes its block of every global batch (see `shard_plan`).
 """
 
