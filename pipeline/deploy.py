@@ -3,9 +3,13 @@
 All three are worker deployments made with `flow.from_source(...)`: a `process`
 worker pulls the source (a local checkout, or a git URL for workers on other
 machines) and runs the flow there. None is made with `flow.serve`, so every
-deployment is picked up by a worker, never by a serving process.
+deployment is picked up by a worker, never by a serving process. Every
+deployment is pinned to one git commit (its `version`): a git source is cloned
+at that commit, and a run in a local checkout that has moved on is refused.
+The flows take no `root` parameter: whoever triggers a run cannot choose where
+`dvc repro` runs.
 
-    python -m pipeline.deploy [--source GIT_URL_OR_PATH]
+    python -m pipeline.deploy [--source GIT_URL_OR_PATH] [--commit SHA]
 
 needs `PREFECT_API_URL` (a self-hosted server or Prefect Cloud); `make serve`
 runs it against a local server. Pools, cron and timezone come from params.yaml's
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 from uuid import UUID
@@ -24,10 +29,13 @@ from prefect import Flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectNotFound
+from prefect.runner.storage import GitRepository
 from prefect.schedules import Cron
 from prefect.workers.process import ProcessWorker
 
 from pipeline.flows import PIPELINE_FLOW, REMOTE_ENV, TRAIN_FLOW, resolve_root
+from vae_mlops import cli_args
+from vae_mlops.errors import VaeMlopsError
 from vae_mlops.params import Params, load_params
 
 SCHEDULED = "scheduled-retraining"
@@ -64,36 +72,77 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def deploy_all(root: Path, params: Params, source: str | None = None, train_source: str | None = None) -> dict[str, UUID]:
-    """Create or update the pools and the three deployments; return their ids by deployment name.
+class SourceError(VaeMlopsError):
+    """A deployment's source cannot be pinned to a commit."""
+
+
+def resolve_commit(root: Path, commit: str | None = None) -> str:
+    """The full sha of `commit` (default HEAD) in the checkout `root`."""
+    rev = f"{commit or 'HEAD'}^{{commit}}"
+    proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", rev], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        what = f"commit {commit!r}" if commit else "a commit (HEAD)"
+        raise SourceError(f"{root} has no {what}: deployments are pinned to a git commit; commit, then deploy")
+    return proc.stdout.strip()
+
+
+def pinned_source(source: str, commit: str) -> str | GitRepository:
+    """What `Flow.from_source` takes, pinned to `commit`.
+
+    A git URL is cloned by the worker at that commit. A local checkout runs in
+    place (its data, DVC cache and store are there): it must be at `commit`, and
+    each run checks that it still is (`flows.check_pinned_commit`).
+    """
+    path = Path(source)
+    if not path.is_dir():
+        return GitRepository(url=source, commit_sha=commit)
+    head = resolve_commit(path)
+    if head != commit:
+        raise SourceError(
+            f"the source checkout {path} is at {head}, not at the commit to deploy ({commit}); "
+            "check that commit out there, or deploy what it holds with --commit"
+        )
+    return str(path.resolve())
+
+
+def deploy_all(
+    root: Path, params: Params, source: str | None = None, train_source: str | None = None, commit: str | None = None
+) -> dict[str, UUID]:
+    """Create or update the pools and the three deployments, pinned to one commit; return their ids by name.
+
+    The flows take no `root`: a run works in the checkout holding its code.
 
     Args:
-        source: where workers get the code: a local path (default `root`) or a git URL.
+        source: where workers get the code: a local checkout (default `root`) or a git URL.
         train_source: the same for `vae-train` alone (a GPU machine's own checkout), default `source`.
+        commit: the commit to pin (default: `root`'s HEAD); each deployment's `version` names it.
     """
     cfg = params.orchestrate
+    pin = resolve_commit(root, commit)
     ensure_pools([cfg.cpu_pool, train_pool(params)])
     src = source or str(root)
-    pipeline = Flow.from_source(src, ENTRYPOINTS[PIPELINE_FLOW])
-    train = Flow.from_source(train_source or src, ENTRYPOINTS[TRAIN_FLOW])
+    pipeline = Flow.from_source(pinned_source(src, pin), ENTRYPOINTS[PIPELINE_FLOW])
+    train = Flow.from_source(pinned_source(train_source or src, pin), ENTRYPOINTS[TRAIN_FLOW])
     common = {
         "build": False, "push": False, "print_next_steps": False, "ignore_warnings": True,
-        "job_variables": {"env": job_env()},
+        "job_variables": {"env": job_env()}, "version": pin,
     }  # fmt: skip
+    at = f" Code: commit {pin[:12]}."
     return {
         PIPELINE_FLOW: pipeline.deploy(
             name=PIPELINE_FLOW, work_pool_name=cfg.cpu_pool, concurrency_limit=1, tags=["vae"],
-            description="The whole pipeline on demand: download -> train -> evaluate -> register.", **common,
+            description="The whole pipeline on demand: download -> train -> evaluate -> register." + at, **common,
         ),
         TRAIN_FLOW: train.deploy(
             name=TRAIN_FLOW, work_pool_name=train_pool(params), tags=["vae", "gpu"],
-            description="Training alone, on the GPU pool; vae-pipeline triggers it when orchestrate.gpu_pool is set.",
+            description="Training alone, on the GPU pool; vae-pipeline triggers it when orchestrate.gpu_pool is set."
+            + at,
             **common,
         ),
         SCHEDULED: pipeline.deploy(
             name=SCHEDULED, work_pool_name=cfg.cpu_pool, concurrency_limit=1, tags=["vae", "scheduled"],
             schedule=Cron(cfg.retrain_cron, timezone=cfg.timezone),
-            description=f"Retrain on `{cfg.retrain_cron}` ({cfg.timezone}); the registry gate decides promotion.",
+            description=f"Retrain on `{cfg.retrain_cron}` ({cfg.timezone}); the registry gate decides promotion." + at,
             **common,
         ),
     }  # fmt: skip
@@ -101,13 +150,18 @@ def deploy_all(root: Path, params: Params, source: str | None = None, train_sour
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.deploy", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", help="the checkout whose params.yaml to read (default: this one)")
+    cli_args.add_root_arg(parser, default=None, help="the checkout whose params.yaml to read (default: this one)")
     parser.add_argument("--source", help="where workers get the code: a path or git URL (default: --root)")
     parser.add_argument("--train-source", help="the same for vae-train alone (default: --source)")
+    parser.add_argument("--commit", help="the commit to pin the deployments to (default: --root's HEAD)")
     args = parser.parse_args(argv)
     root = resolve_root(args.root)
     params = load_params(root / "params.yaml")
-    ids = deploy_all(root, params, args.source, args.train_source)
+    try:
+        ids = deploy_all(root, params, args.source, args.train_source, args.commit)
+    except SourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for name, dep_id in ids.items():
         print(f"{name}: {dep_id}")
     return 0

@@ -21,14 +21,17 @@ from typing import Any, Mapping
 
 import yaml
 
+from vae_mlops import atomic
+from vae_mlops.errors import VaeMlopsError
 from vae_mlops.params import apply_overrides, read_raw
 
 TRAIN = "train"
 LOCK_SCHEMA = "2.0"
 MAX_HANDOFF_FILE = 256 * 1024  # uncached outputs larger than this stay on the worker
+LOCK_ENTRY_KEYS = ("cmd", "deps", "params", "outs", "md5", "frozen", "always_changed", "desc", "meta")
 
 
-class CommandFailed(RuntimeError):
+class CommandFailed(VaeMlopsError):
     """A DVC command exited non-zero or ran past its deadline; the message ends with its last lines."""
 
 
@@ -187,12 +190,22 @@ def merge_lock(root: Path, entries: Mapping[str, Any]) -> None:
 
 def stage_outputs(root: Path, stage: str) -> list[tuple[str, bool]]:
     """(path, cached by DVC) for each output of a stage, with dvc.yaml's interpolation resolved."""
+    return [(path, cached) for path, cached in _stage_paths(root, stage)["outs"]]
+
+
+def _stage_paths(root: Path, stage: str) -> dict[str, Any]:
+    """The stage as this checkout's `dvc.yaml` declares it: cmd, deps and outs (path, cached)."""
+    from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
         for st in repo.index.stages:
             if getattr(st, "name", None) == stage:
-                return [(str(out.def_path), bool(out.use_cache)) for out in st.outs]
+                return {
+                    "cmd": st.cmd,
+                    "deps": {str(dep.def_path) for dep in st.deps if not isinstance(dep, ParamsDependency)},
+                    "outs": [(str(out.def_path), bool(out.use_cache)) for out in st.outs],
+                }  # fmt: skip
     raise ValueError(f"no stage '{stage}' in {root / 'dvc.yaml'}")
 
 
@@ -216,16 +229,100 @@ def handoff(root: Path, stage: str, extra_files: list[Path] = ()) -> dict[str, A
     return {"lock": {stage: read_lock(root).get(stage)}, "files": files}
 
 
-def adopt(root: Path, data: Mapping[str, Any]) -> None:
-    """Write a handoff's lock entries and files into this checkout (cached outputs come by `dvc pull`)."""
-    merge_lock(root, {k: v for k, v in data["lock"].items() if v})
-    for rel, text in data.get("files", {}).items():
-        path = root / rel
+class HandoffRefused(VaeMlopsError):
+    """A worker's hand-off names something other than the stage's own outputs; nothing was written."""
+
+
+def check_handoff(root: Path, data: Any, stage: str = TRAIN) -> tuple[dict[str, Any], dict[Path, str]]:
+    """The hand-off's lock entry and files (as paths under `root`), or `HandoffRefused` listing every problem.
+
+    Only `stage`'s `dvc.lock` entry is accepted, and only if its cmd, deps and outs
+    are the ones this checkout's `dvc.yaml` declares; only files that are the
+    stage's declared outputs, as relative paths inside `root` (no absolute path,
+    no `..`, no symlink leading out), are accepted.
+    """
+    problems: list[str] = []
+    if not isinstance(data, Mapping):
+        raise HandoffRefused(f"the hand-off is a {type(data).__name__}, not a JSON object; nothing was written")
+    declared = _stage_paths(root, stage)
+    outs = {path for path, _ in declared["outs"]}
+    problems += [f"unexpected key {k!r} (only 'lock' and 'files')" for k in data if k not in ("lock", "files")]
+    lock = data.get("lock") or {}
+    files = data.get("files") or {}
+    if not isinstance(lock, Mapping) or not isinstance(files, Mapping):
+        raise HandoffRefused("the hand-off's 'lock' and 'files' must be JSON objects; nothing was written")
+    problems += [f"lock entry for stage {name!r}: only '{stage}' is adopted from a worker" for name in lock if name != stage]
+    entry = lock.get(stage)
+    if entry is not None:
+        problems += _lock_entry_problems(entry, declared, stage)
+    real_root = root.resolve()
+    accepted: dict[Path, str] = {}
+    for rel, text in files.items():
+        where = f"file {rel!r}"
+        parts = Path(str(rel)).parts
+        if not isinstance(text, str):
+            problems.append(f"{where}: its content is not text")
+        elif not rel or Path(rel).is_absolute() or rel.startswith("~"):
+            problems.append(f"{where}: an absolute path; only paths relative to the checkout are adopted")
+        elif ".." in parts or "." in parts or str(Path(*parts)) != rel:
+            problems.append(f"{where}: not a plain relative path (`..`, `.` or redundant separators)")
+        elif rel not in outs:
+            problems.append(f"{where}: not an output of stage '{stage}' ({', '.join(sorted(outs))})")
+        elif not (root / rel).resolve().is_relative_to(real_root):
+            problems.append(f"{where}: leads out of {root} through a symlink")
+        else:
+            accepted[root / rel] = text
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise HandoffRefused(
+            f"refused the worker's hand-off for stage '{stage}' ({len(problems)} problem(s)); nothing was written:\n"
+            f"{lines}\nCheck what runs the '{stage}' deployment on that work pool."
+        )
+    return ({stage: entry} if entry else {}), accepted
+
+
+def _lock_entry_problems(entry: Any, declared: Mapping[str, Any], stage: str) -> list[str]:
+    """What in a `dvc.lock` entry differs from the stage this checkout declares."""
+    if not isinstance(entry, Mapping):
+        return [f"lock entry for '{stage}' is not an object"]
+    problems = [f"lock entry for '{stage}': unexpected key {k!r}" for k in entry if k not in LOCK_ENTRY_KEYS]
+    if entry.get("cmd") != declared["cmd"]:
+        problems.append(f"lock entry for '{stage}': cmd {entry.get('cmd')!r} is not dvc.yaml's {declared['cmd']!r}")
+    for kind, allowed in (("outs", {path for path, _ in declared["outs"]}), ("deps", declared["deps"])):
+        items = entry.get(kind) or []
+        paths = [item.get("path") if isinstance(item, Mapping) else None for item in items] if isinstance(items, list) else [None]
+        for path in paths:
+            if path not in allowed:
+                problems.append(f"lock entry for '{stage}': {kind[:-1]} {path!r} is not declared in dvc.yaml")
+    return problems
+
+
+def check_upstream(root: Path, entries: Any, stages: list[str]) -> dict[str, Any]:
+    """The orchestrator's `dvc.lock` entries for the stages before train, checked like a hand-off."""
+    if not isinstance(entries, Mapping):
+        raise HandoffRefused("the upstream lock entries are not a JSON object; nothing was written")
+    problems = [f"lock entry for stage {name!r}: only {', '.join(stages)} come from upstream"
+                for name in entries if name not in stages]  # fmt: skip
+    for name, entry in entries.items():
+        if name in stages:
+            problems += _lock_entry_problems(entry, _stage_paths(root, name), name)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise HandoffRefused(f"refused the upstream lock entries; nothing was written:\n{lines}")
+    return dict(entries)
+
+
+def adopt(root: Path, data: Any, stage: str = TRAIN) -> None:
+    """Write a checked hand-off's lock entry and files into this checkout (cached outputs come by `dvc pull`).
+
+    Everything is checked first (`check_handoff`); a refused hand-off writes nothing.
+    """
+    entries, files = check_handoff(root, data, stage)
+    merge_lock(root, entries)
+    for path, text in files.items():
         if not path.exists() or path.read_text() != text:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            atomic.write_text(path, text)
 
 
 def missing_cached_outputs(root: Path, stage: str) -> list[str]:

@@ -14,9 +14,12 @@ import argparse
 import fcntl
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -26,12 +29,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.deployments import run_deployment
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.states import Cancelling
 from prefect.tasks import exponential_backoff
 
 from pipeline import dvcrun
-from vae_mlops.params import Params, ParamsError, apply_overrides, parse_params, parse_set_args, read_raw
+from vae_mlops import cli_args
+from vae_mlops.errors import VaeMlopsError
+from vae_mlops.params import Params, ParamsError, apply_overrides, parse_params, read_raw
 from vae_mlops.paths import Paths
 
 PIPELINE_FLOW = "vae-pipeline"
@@ -39,25 +44,70 @@ TRAIN_FLOW = "vae-train"
 TRAIN_DEPLOYMENT = f"{TRAIN_FLOW}/{TRAIN_FLOW}"
 HANDOFF_KEY = "vae-train-handoff"
 SUMMARY_KEY = "vae-pipeline-summary"
+COMPARE_KEY = "vae-pipeline-compare"
 REMOTE_ENV = "VAE_DVC_REMOTE"  # a DVC remote shared with the GPU worker; "" or unset: none
 NETWORK_STAGES = ("download", "register")  # retried with backoff
 HANDOFF_RE_START = "```json\n"
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(VaeMlopsError):
     """The training run ended in a state other than Completed, or its outputs did not arrive."""
 
 
-class WorkspaceBusy(RuntimeError):
+class WorkspaceBusy(VaeMlopsError):
     """Another pipeline run is using this checkout."""
+
+
+class SourceMoved(VaeMlopsError):
+    """A deployment's run found its checkout at another commit than the deployment was pinned to."""
 
 
 # ---------------------------------------------------------------- parameters
 
 
-def resolve_root(root: str | None) -> Path:
+CODE_CHECKOUT = Path(__file__).resolve().parents[1]  # the checkout holding this code (a deployment's source)
+_checkout: ContextVar[Path | None] = ContextVar("vae_checkout", default=None)
+
+
+def resolve_root(root: str | Path | None) -> Path:
     """The checkout to run in: `root`, or the one holding this file (a deployment's pulled source)."""
-    return Path(root).resolve() if root else Path(__file__).resolve().parents[1]
+    return Path(root).resolve() if root else CODE_CHECKOUT
+
+
+def checkout() -> Path:
+    """Where the flows run: the checkout holding their code, unless an in-process caller chose one.
+
+    Not a flow parameter: whoever can trigger a deployment must not choose where `dvc repro` runs.
+    """
+    return _checkout.get() or CODE_CHECKOUT
+
+
+@contextmanager
+def in_checkout(root: str | Path) -> Iterator[Path]:
+    """Run the flows called in this block in `root` (`python -m pipeline.flows --root`, tests)."""
+    token = _checkout.set(Path(root).resolve())
+    try:
+        yield Path(root).resolve()
+    finally:
+        _checkout.reset(token)
+
+
+def check_pinned_commit(root: Path) -> None:
+    """A deployment's run refuses a checkout whose HEAD is not the commit the deployment was pinned to."""
+    pinned = deployment.version if deployment.id else None
+    if not pinned or not re.fullmatch(r"[0-9a-f]{40}", pinned):
+        return  # not a deployment run (make flow, tests), or one not made by pipeline.deploy
+    head = git_head(root)
+    if head != pinned:
+        raise SourceMoved(
+            f"deployment {deployment.name!r} is pinned to commit {pinned}, but {root} is at {head or 'no commit'}. "
+            "Redeploy from the checkout you mean to run (`python -m pipeline.deploy`, or restart `make serve`)."
+        )
+
+
+def git_head(root: Path) -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30)
+    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def merge_overrides(overrides: Mapping[str, Any] | None = None, **named: Any) -> dict[str, Any]:
@@ -150,7 +200,6 @@ def resolve_remote(dvc_remote: str | None) -> str:
 @flow(name=TRAIN_FLOW, description="Train the VAE (the `train` DVC stage), on whatever machine runs it.")
 def vae_train(
     overrides: dict[str, Any] | None = None,
-    root: str | None = None,
     dvc_remote: str | None = None,
     upstream: dict[str, Any] | None = None,
     run_tags: dict[str, str] | None = None,
@@ -159,13 +208,13 @@ def vae_train(
 
     Args:
         overrides: dotted-key params (`{"train.epochs": 3}`), written to params.yaml like `dvc exp run -S`.
-        root: the checkout; default the one holding this code.
         dvc_remote: a DVC remote shared with the orchestrating machine; default `$VAE_DVC_REMOTE`; "": none.
         upstream: `dvc.lock` entries of the stages before train, from the orchestrating machine.
         run_tags: tags for the MLflow run training opens (through MLflow's `MLFLOW_RUN_CONTEXT`).
     """
     logger = get_run_logger()
-    root_dir = resolve_root(root)
+    root_dir = checkout()
+    check_pinned_commit(root_dir)
     merged = merge_overrides(overrides)
     params = validate(root_dir, merged)
     changed = dvcrun.set_params(root_dir / "params.yaml", merged)
@@ -175,7 +224,7 @@ def vae_train(
     before, _ = dvcrun.split_at_train(dvcrun.stage_names(root_dir))
     if remote and before:
         if upstream:
-            dvcrun.merge_lock(root_dir, upstream)
+            dvcrun.merge_lock(root_dir, dvcrun.check_upstream(root_dir, upstream, before))
         transfer_task("pull", before, params)(action="pull", stages=before, remote=remote, root=str(root_dir),
                                               timeout_s=params.orchestrate.task_timeout_s)  # fmt: skip
     tags = {**(run_tags or {}), "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
@@ -215,8 +264,14 @@ def read_handoff(flow_run_id) -> dict[str, Any]:
     if not artifacts:
         raise TrainingFailed(f"the training run {flow_run_id} left no '{HANDOFF_KEY}' artifact")
     text = str(artifacts[0].data)
-    start = text.index(HANDOFF_RE_START) + len(HANDOFF_RE_START)
-    return json.loads(text[start : text.index("\n```", start)])
+    try:
+        start = text.index(HANDOFF_RE_START) + len(HANDOFF_RE_START)
+        return json.loads(text[start : text.index("\n```", start)])
+    except ValueError as exc:  # no JSON block, or not JSON
+        raise dvcrun.HandoffRefused(
+            f"the '{HANDOFF_KEY}' artifact of training run {flow_run_id} holds no readable JSON block ({exc}); "
+            "nothing was written"
+        ) from None
 
 
 # ---------------------------------------------------------------- training on a work pool
@@ -261,7 +316,7 @@ def train_step(params: Params, root: Path, overrides: dict[str, Any], remote: st
     tags = {"prefect.parent_flow_run_id": str(flow_run.id), "vae.overrides": json.dumps(overrides, sort_keys=True)}
     pool = params.orchestrate.gpu_pool
     if not pool:
-        out = vae_train(overrides=overrides, root=str(root), dvc_remote="", run_tags=tags)
+        out = vae_train(overrides=overrides, dvc_remote="", run_tags=tags)
         return {k: out[k] for k in ("stage", "ran", "seconds")}
     timeout_s = params.orchestrate.task_timeout_s
     if remote and before:
@@ -289,7 +344,6 @@ def vae_pipeline(
     epochs: int | None = None,
     latent_dim: int | None = None,
     dataset: str | None = None,
-    root: str | None = None,
     dvc_remote: str | None = None,
 ) -> dict[str, Any]:
     """Every stage of dvc.yaml in order; params.yaml's values unless overridden.
@@ -298,11 +352,11 @@ def vae_pipeline(
         overrides: dotted-key params (`{"train.epochs": 3}`); `epochs`, `latent_dim` and
             `dataset` are shortcuts. Validated before any work; written to params.yaml
             like `dvc exp run -S`, so dvc.lock records them and MLflow logs them.
-        root: the checkout; default the one holding this code.
         dvc_remote: a DVC remote shared with the GPU worker; default `$VAE_DVC_REMOTE`.
     """
     logger = get_run_logger()
-    root_dir = resolve_root(root)
+    root_dir = checkout()
+    check_pinned_commit(root_dir)
     merged = merge_overrides(overrides, epochs=epochs, latent_dim=latent_dim, dataset=dataset)
     params = validate(root_dir, merged)
     with workspace_lock(root_dir):
@@ -319,6 +373,10 @@ def vae_pipeline(
             results[stage] = stage_task(stage, params)(stage=stage, root=str(root_dir), timeout_s=timeout_s)
         summary = summarise(root_dir, results, merged)
         create_markdown_artifact(summary_markdown(summary), key=SUMMARY_KEY, description="vae-pipeline run summary")
+        compare_md = Paths(root_dir).compare_md  # register's report: the candidate against its champion
+        if compare_md.is_file():
+            create_markdown_artifact(compare_md.read_text(), key=COMPARE_KEY,
+                                     description="candidate vs champion; the pictures are in reports/compare.html")  # fmt: skip
     return summary
 
 
@@ -395,21 +453,22 @@ def summary_markdown(s: Mapping[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run `vae-pipeline` once; a bad param is one error before Prefect starts."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.flows", description=__doc__.splitlines()[0])
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    cli_args.add_set_arg(parser)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--latent-dim", type=int)
     parser.add_argument("--dataset")
-    parser.add_argument("--root", help="the checkout (default: the one holding this code)")
+    cli_args.add_root_arg(parser, default=None, help="the checkout (default: the one holding this code)")
     parser.add_argument("--dvc-remote", help=f"DVC remote shared with a GPU worker (default ${REMOTE_ENV})")
     args = parser.parse_args(argv)
     named = {"epochs": args.epochs, "latent_dim": args.latent_dim, "dataset": args.dataset}
     try:
-        overrides = parse_set_args(args.set)
+        overrides = cli_args.overrides(args)
         validate(resolve_root(args.root), merge_overrides(overrides, **named))
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    state = vae_pipeline(overrides=overrides, root=args.root, dvc_remote=args.dvc_remote, return_state=True, **named)
+    with in_checkout(resolve_root(args.root)):
+        state = vae_pipeline(overrides=overrides, dvc_remote=args.dvc_remote, return_state=True, **named)
     if not state.is_completed():
         print(f"error: {PIPELINE_FLOW} ended {state.type.value}: {state.message}", file=sys.stderr)
         return 1

@@ -11,7 +11,6 @@ which stops the worker and any server it started.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import subprocess
@@ -26,13 +25,15 @@ from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_API_P
 
 from pipeline import deploy, dvcrun
 from pipeline.flows import resolve_root
+from vae_mlops import cli_args
+from vae_mlops.errors import VaeMlopsError
 from vae_mlops.params import load_params
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 180.0
 
 
-class ServerError(RuntimeError):
+class ServerError(VaeMlopsError):
     """The local Prefect server could not be started."""
 
 
@@ -54,23 +55,9 @@ def port_in_use(port: int) -> bool:
         return s.connect_ex((HOST, port)) == 0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def process_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """What every Prefect process this project starts gets: its home, this venv first, no telemetry."""
-    env = dict(os.environ)
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DVC_NO_ANALYTICS="1",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    )
-    env.update(extra or {})
-    return env
+    return dvcrun.tool_env({"PREFECT_HOME": str(home), **(extra or {})})
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
@@ -140,7 +127,7 @@ def stop_on_signals() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", help="the checkout (default: this one)")
+    cli_args.add_root_arg(parser, default=None, help="the checkout (default: this one)")
     parser.add_argument("--port", type=int, default=None, help="local server port (default PREFECT_SERVER_API_PORT)")
     args = parser.parse_args(argv)
     stop_on_signals()
@@ -154,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
             api_url = stack.enter_context(local_server(home, port))
             print(f"Prefect server on {api_url} (UI http://{HOST}:{port}); log {home / 'server.log'}", flush=True)
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
-        for name, dep_id in deploy.deploy_all(root, params).items():
+        try:
+            ids = deploy.deploy_all(root, params)
+        except deploy.SourceError as exc:  # not a git checkout with a commit: nothing to pin
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for name, dep_id in ids.items():
             print(f"deployment {name}: {dep_id}", flush=True)
         print(
             f"retraining on '{params.orchestrate.retrain_cron}' ({params.orchestrate.timezone}); "

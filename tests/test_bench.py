@@ -1,4 +1,4 @@
-"""`python -m vae_mlops.bench` on tiny data: every key, sane numbers, the table. Never a wall-time assertion."""
+"""`make bench` (`benchmarks.train_speed`) on tiny data: every key, sane numbers, the table. No wall-time assertion."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from conftest import ROOT
-from vae_mlops import bench
+from tests.support.project import ROOT
+from benchmarks import train_speed as bench
 from vae_mlops.model import VAE, VAEConfig
 from vae_mlops.paths import Paths
 
@@ -22,8 +22,9 @@ KEYS = (
     "project_test_loss",
     "baseline_test_loss",
     "iwae1000_s",
+    "iwae1000_bf16_s",
 )
-ROW_NAMES = ["baseline", "project-autograd", "project-bf16", "project"]
+ROW_NAMES = ["baseline", "project-autograd", "project-bf16-autocast", "project-float32", "project"]
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,15 @@ def test_every_row_is_reported_with_its_bound(run):
         assert len(r["epoch_seconds"]) == 2 and r["s_per_epoch"] == r["epoch_seconds"][1]  # epoch 1 is warm-up
         assert r["vs_baseline"] == pytest.approx(result["baseline_s_per_epoch"] / r["s_per_epoch"])
         assert math.isfinite(r["test_loss"]) and r["images_per_s"] > 0
-    assert rows["project-bf16"]["bound_s_per_epoch"] == result["bound_bf16_s_per_epoch"]
-    assert rows["project"]["bound_s_per_epoch"] == result["bound_s_per_epoch"]
+    assert rows["project-bf16-autocast"]["bound_s_per_epoch"] == result["bound_bf16_s_per_epoch"]
+    assert rows["project-float32"]["bound_s_per_epoch"] == result["bound_s_per_epoch"]
+    bound = {"float32": result["bound_s_per_epoch"], "bf16": result["bound_bf16_s_per_epoch"]}
+    assert rows["project"]["precision"] == result["project_precision"] in bound  # `auto`, resolved on this machine
+    assert rows["project"]["bound_s_per_epoch"] == result["project_bound_s_per_epoch"]
+    assert result["project_bound_s_per_epoch"] == bound[result["project_precision"]]
+    gap = rows["project"]["test_loss"] - rows["project-float32"]["test_loss"]
+    assert result["precision_test_loss_gap"] == pytest.approx(gap)
+    assert isinstance(result["machine"]["cpu_flags"], list) and isinstance(result["machine"]["native_bf16"], bool)
 
 
 def test_baseline_and_project_reach_similar_test_loss(run):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synthetic import NAMES, idx_bytes
+from tests.support.synthetic import NAMES, idx_bytes
 from vae_mlops import stages
 from vae_mlops.data import DataError, load_split
 from vae_mlops.datasets import get_dataset

@@ -1,6 +1,7 @@
 """Data-parallel training: two torchrun ranks on the CPU (gloo) on tiny data, launched as users launch it.
 
-One uninterrupted `make train-ddp NPROC=2` run is the reference: its ranks must agree, it must match one
+One uninterrupted `make train-ddp NPROC=2` run (`dvc exp run -S train.nproc=2 train`: the stage's command
+relaunches itself under torchrun) is the reference: its ranks must agree, DVC must record it, it must match one
 process with the same global batch, and a SIGKILLed run resumed from its checkpoint must end where it ended.
 """
 
@@ -18,20 +19,20 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 
-from conftest import ROOT, tiny_raw_params
-from e2e import copy_project, tool_env
-from mlflow_store import free_port, fresh_store
+from tests.support.project import ROOT, tiny_raw_params
+from tests.support.e2e import copy_project, dvc, tool_env
+from tests.support.mlflow_store import free_port, fresh_store
 from vae_mlops import checkpoint, stages
-from vae_mlops.params import parse_params
+from vae_mlops.params import ParamsError, parse_params
 from vae_mlops.paths import Paths
 from vae_mlops.train import shard_plan
 
 EPOCHS = 30
 # 499 training images: global batches of 64 leave a last one of 51, split 26 / 25 between the ranks.
 DDP = {"train.batch_size": 32, "train.val_size": 101, "train.epochs": EPOCHS, "train.image_every": EPOCHS}
-TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-            "-m", "vae_mlops", "train"]  # fmt: skip
+TRAIN = [sys.executable, "-m", "vae_mlops", "train"]  # with train.nproc: 2 in params.yaml: torchrun, 2 ranks
 
 
 def weights(root: Path) -> dict[str, torch.Tensor]:
@@ -83,6 +84,14 @@ def test_rank_shards_make_up_the_one_process_batches_with_the_global_batch(n, ba
     assert max(sizes) - min(sizes) <= 1  # the short last batch is split evenly
 
 
+def test_nproc_above_one_outside_torchrun_names_the_setting(tiny_mirror, tmp_path, monkeypatch):
+    """Calling the stage function in one process with train.nproc: 2 would silently train alone: refused."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ParamsError, match=r"train\.nproc is 2 .* not started by torchrun"):
+        stages.train(parse_params(tiny_raw_params(**{"train.nproc": 2})), Paths(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------- the replica check
 
 
@@ -121,8 +130,10 @@ def test_make_train_ddp_ranks_agree_and_rank_0_alone_writes_and_logs(reference):
     with sqlite3.connect(root / "mlflow.db") as db:  # one run, each epoch logged once: only rank 0 logs
         assert db.execute("select count(*) from runs").fetchone() == (1,)
         assert db.execute("select count(*) from metrics where key = 'train/loss'").fetchone() == (EPOCHS,)
-    lock = (root / "dvc.lock").read_text()
-    assert "models/vae.pt" in lock and "reports/mlflow_run.json" in lock  # `dvc commit` recorded the DDP run
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"]  # DVC ran and recorded it
+    assert lock["params"]["params.yaml"]["train"]["nproc"] == 2
+    assert {o["path"] for o in lock["outs"]} >= {"models/vae.pt", "reports/mlflow_run.json"}
+    assert dvc("status", "train", "--json", cwd=root).stdout.strip() == "{}"  # nothing left to rerun
 
 
 @pytest.mark.slow
@@ -159,7 +170,7 @@ def test_sigkilled_ddp_run_resumes_from_its_checkpoint_to_the_same_weights(refer
     straight, _ = reference
     root = ddp_project(tmp_path / "killed", straight)
     with open(tmp_path / "killed.log", "wb") as log:
-        proc = subprocess.Popen(TORCHRUN, cwd=root, env=env(tiny_mirror), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(TRAIN, cwd=root, env=env(tiny_mirror), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
         try:
             while not any(p.name == "epoch-0002.pt" for p in checkpoints(root)):
@@ -168,7 +179,7 @@ def test_sigkilled_ddp_run_resumes_from_its_checkpoint_to_the_same_weights(refer
         finally:
             _kill_tree(proc)
     assert not Paths(root).model_file.exists(), "the run finished before it was killed: raise EPOCHS"
-    out = subprocess.run(TORCHRUN, cwd=root, env=env(tiny_mirror), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(TRAIN, cwd=root, env=env(tiny_mirror), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "resuming from checkpoint" in out.stderr and "weights identical on all 2 ranks" in out.stderr
     resumed, reference_weights = weights(root), weights(straight)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from e2e import copy_project, dvc
-from mlflow_store import fresh_store
+from tests.support.e2e import copy_project, dvc
+from tests.support.mlflow_store import fresh_store
 from vae_mlops import tracking
 from vae_mlops.metrics import METRIC_KEYS
 
@@ -62,7 +62,8 @@ def test_dvc_repro_runs_the_pipeline_and_a_second_run_does_nothing(repo):
     x = np.random.default_rng(0).random((3, 784), dtype=np.float32)
     with tracking.use_store(f"sqlite:///{repo / 'mlflow.db'}"):
         model = mlflow.pyfunc.load_model("models:/vae-mnist@champion")
-    assert model.predict(x).shape == (3, 784) and model.predict(x, params={"output": "mu"}).shape == (3, 4)
+    assert model.predict(x)["values"].shape == (3, 784)
+    assert model.predict(x, params={"output": "mu"})["values"].shape == (3, 4)
     assert lock["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
     outs = {o["path"] for o in lock["train"]["outs"]}
     assert {"models/vae.pt", "models/checkpoints", "reports/train_history.csv"} <= outs

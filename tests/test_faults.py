@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from e2e import copy_project, dvc, tool_env
-from mlflow_store import MlflowServer, free_port, mlflow_server
+from tests.support.checkpoints import checkpoints, same_weights, wait_for
+from tests.support.e2e import copy_project, dvc, tool_env
+from tests.support.mlflow_store import MlflowServer, free_port, mlflow_server
 from vae_mlops import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -38,30 +38,6 @@ def cli(*args: str, cwd: Path, limit_bytes: int | None = None, check: bool = Fal
     if check and proc.returncode:
         raise AssertionError(proc.stderr)
     return proc
-
-
-def model_weights(path: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.load_model(path)[0].state_dict()
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = model_weights(a), model_weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def wait_for(predicate, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended early:\n{proc.stdout.read() if proc.stdout else ''}")
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting")
-
-
-def checkpoints(repo: Path) -> list[Path]:
-    return sorted((repo / "models" / "checkpoints").rglob("epoch-*.pt"))
 
 
 @pytest.fixture
@@ -117,9 +93,14 @@ def test_second_dvc_repro_in_the_same_repo_is_refused(mirror_env, tmp_path):
     first = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=repo, env=tool_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: bool(checkpoints(repo)), proc=first)
+    params_before = (repo / "params.yaml").read_bytes()
     second = dvc("repro", cwd=repo, check=False)
     assert second.returncode != 0
-    assert "lock" in (second.stdout + second.stderr).lower()
+    text = " ".join((second.stdout + second.stderr).split())  # DVC wraps its message to the terminal width
+    # dvc/rwlock.py's own words: while the first runs train's command it holds train's deps and outs
+    assert f"'{repo}/data/raw/tiny' is busy, it is being blocked by: (PID {first.pid}):" in text, text
+    assert f"remove '{repo}/.dvc/tmp/rwlock' and try again" in text, text
+    assert "Traceback" not in text and (repo / "params.yaml").read_bytes() == params_before
     assert first.wait(timeout=300) == 0, first.stdout.read()
     assert "up to date" in dvc("status", cwd=repo).stdout
     assert checkpoint.load_model(repo / "models" / "vae.pt")[1]["epoch"] == 40

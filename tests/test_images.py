@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from synthetic import digits
+from tests.support.synthetic import digits
 from threadpoolctl import threadpool_limits
 
 from vae_mlops import images
@@ -87,3 +87,11 @@ def test_loss_curves_plot_train_and_validation_per_epoch(tmp_path):
     assert [list(line.get_xdata()) for line in loss_ax.lines] == [[1, 2, 3]] * 2
     assert len(parts_ax.lines) == 4
     assert save_figure(fig, tmp_path / "curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_grids_become_hwc_uint8_as_mlflow_log_image_takes_them():
+    grid = torch.tensor([[[0.0, 1.0]], [[0.5, 0.2]], [[1.2, -0.1]]], requires_grad=True)  # (3, 1, 2)
+    out = images.to_hwc_uint8(grid)
+    assert out.shape == (1, 2, 3) and out.dtype.name == "uint8"
+    assert out[0, 0].tolist() == [0, 128, 255] and out[0, 1].tolist() == [255, 51, 0]  # rounded, clamped
+    assert images.to_hwc_uint8(torch.ones(2, 4)).shape == (2, 4)  # one channel, no channel axis

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from synthetic import digits
+from tests.support.synthetic import digits
 from torch.distributions import Bernoulli, Normal
 
 from vae_mlops.metrics import (

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
-from e2e import copy_project, dvc, run, tool_env
-from mlflow_store import MlflowServer, mlflow_server
+from tests.support.project import ROOT
+from tests.support.e2e import copy_project, dvc, run, tool_env
+from tests.support.mlflow_store import MlflowServer, mlflow_server
 from vae_mlops import atomic, data, tracking
 from vae_mlops.metrics import METRIC_KEYS
 

@@ -104,7 +104,7 @@ def test_model_has_the_tutorials_shapes():
 
 
 def test_fast_softplus_matches_torch_and_stays_finite_at_extreme_logits():
-    from vae_mlops.model import softplus
+    from vae_mlops.likelihoods import softplus
 
     logits = torch.cat([torch.randn(10_000, dtype=torch.float64) * 5, torch.tensor([-1e4, -80.0, 0.0, 80.0, 1e4]).double()])
     assert torch.allclose(softplus(logits.float()).double(), F.softplus(logits), rtol=1e-6, atol=1e-6)

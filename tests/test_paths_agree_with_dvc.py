@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from conftest import ROOT
+from tests.support.project import ROOT
 from vae_mlops.paths import Paths
 
 
@@ -26,7 +26,7 @@ def test_dvc_outputs_are_the_paths_module_paths():
             str(p.train_run_file),
         },
         "evaluate": {str(p.metrics_file), str(p.eval_images_dir)},
-        "register": {str(p.registration_file), str(p.promotion_log)},
+        "register": {str(p.registration_file), str(p.promotion_log), str(p.compare_html), str(p.compare_md)},
     }
     assert str(p.raw_dir("${data.dataset}")) == "data/raw/${data.dataset}"
     assert set(dvc) == set(expected)

@@ -28,10 +28,8 @@ import psutil  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from conftest import ROOT  # noqa: E402
-from e2e import copy_project, dvc, run  # noqa: E402
-
-sys.path.insert(0, str(ROOT))  # `pipeline` lives at the repo root, beside src/
+from tests.support.project import ROOT  # noqa: E402
+from tests.support.e2e import copy_project, dvc, run  # noqa: E402
 
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
@@ -49,6 +47,7 @@ from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings  
 
 from pipeline import deploy, flows, serve  # noqa: E402
 from vae_mlops.params import load_params  # noqa: E402
+from vae_mlops.ports import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +88,7 @@ def machines(tmp_path_factory, tiny_mirror):
 def served(machines, tmp_path_factory):
     """`python -m pipeline.serve` (what `make serve` runs) on a free port, stopped with Ctrl-C at the end."""
     home = tmp_path_factory.mktemp("prefect-serve")
-    port = serve.free_port()
+    port = free_port()
     log = home / "serve.log"
     env = serve.process_env(home, {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"})
     env.pop("PREFECT_API_URL", None)
@@ -159,6 +158,11 @@ def test_serve_registers_pools_deployments_and_the_weekly_schedule(served, machi
     assert schedule.active and schedule.schedule.cron == cfg.retrain_cron == "0 3 * * 1"
     assert schedule.schedule.timezone == cfg.timezone
     assert not deps["vae-pipeline/vae-pipeline"].schedules  # on demand only
+    # no `root` to choose where `dvc repro` runs; the code is pinned to the orchestrator's commit
+    head = run(["git", "rev-parse", "HEAD"], machines.orchestrator).stdout.strip()
+    for dep in deps.values():
+        assert "root" not in dep.parameter_openapi_schema.get("properties", {}), dep.name
+        assert dep.version == head and head[:12] in dep.description
 
     # the server's scheduler lists the next runs: Mondays 03:00 UTC, in the future
     filters = {
@@ -205,12 +209,12 @@ def _pipeline_with_gpu_worker(machines: Machines, served: Served, train_source: 
     launcher = threading.Thread(target=context.run, args=(start_worker_when_training_is_queued,), daemon=True)
     launcher.start()
     try:
-        state = flows.vae_pipeline(
-            root=str(machines.orchestrator),
-            overrides={"orchestrate.gpu_pool": GPU_POOL, "orchestrate.task_timeout_s": TIMEOUT_S},
-            dvc_remote=dvc_remote,
-            return_state=True,
-        )
+        with flows.in_checkout(machines.orchestrator):
+            state = flows.vae_pipeline(
+                overrides={"orchestrate.gpu_pool": GPU_POOL, "orchestrate.task_timeout_s": TIMEOUT_S},
+                dvc_remote=dvc_remote,
+                return_state=True,
+            )
         launcher.join(60)
         assert worker["proc"].wait(120) == 0, worker_log.read_text()
     finally:
@@ -257,3 +261,18 @@ def test_a_failed_training_run_fails_the_pipeline_and_nothing_is_registered(serv
     tasks = _task_names(state.state_details.flow_run_id)
     assert "train" in tasks and not tasks & {"evaluate", "register"}
     assert {p: p.read_bytes() if p.exists() else None for p in watched} == before
+
+
+def test_a_git_source_is_cloned_at_the_pinned_commit_and_an_unknown_commit_is_refused(served, machines):
+    """Last in this module: it re-points the deployments at a git URL."""
+    orch = machines.orchestrator
+    params = load_params(orch / "params.yaml")
+    head = run(["git", "rev-parse", "HEAD"], orch).stdout.strip()
+    ids = deploy.deploy_all(orch, params, source=f"file://{orch}")
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment(ids["vae-pipeline"])
+    clones = [s["prefect.deployments.steps.git_clone"] for s in dep.pull_steps if "prefect.deployments.steps.git_clone" in s]
+    assert [c.get("commit_sha") for c in clones] == [head] and dep.version == head
+    with pytest.raises(deploy.SourceError, match="has no commit '0{40}'"):
+        deploy.deploy_all(orch, params, commit="0" * 40)
+    assert deploy.main(["--root", str(orch), "--commit", "nope"]) == 2

@@ -18,10 +18,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from conftest import ROOT  # noqa: E402
-from e2e import copy_project, dvc, tool_env  # noqa: E402
-
-sys.path.insert(0, str(ROOT))  # `pipeline` lives at the repo root, beside src/
+from tests.support.checkpoints import checkpoints, same_weights, wait_for  # noqa: E402
+from tests.support.e2e import copy_project, dvc, tool_env  # noqa: E402
 
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
@@ -42,7 +40,7 @@ pytestmark = pytest.mark.slow
 # history, run ids, timestamps. The rest must be byte-identical.
 RUN_SPECIFIC = {
     "models/vae.pt", "models/checkpoints", "reports/train_history.csv", "reports/mlflow_run.json",
-    "reports/registration.json", "reports/promotions.jsonl",
+    "reports/registration.json", "reports/promotions.jsonl", "reports/compare.html", "reports/compare.md",
 }  # fmt: skip
 
 
@@ -135,7 +133,8 @@ def test_flow_runs_every_stage_retries_a_transient_download_failure_and_matches_
     try:
         with FlakyMirror(tiny_mirror, failures=1) as mirror:
             monkeypatch.setenv("VAE_DATA_MIRROR", mirror.url)
-            state = flows.vae_pipeline(root=str(flow_repo), overrides=overrides, return_state=True)
+            with flows.in_checkout(flow_repo):
+                state = flows.vae_pipeline(overrides=overrides, return_state=True)
         ref_out, _ = reference.communicate(timeout=900)
     finally:
         reference.kill()
@@ -189,13 +188,15 @@ def test_bad_flow_parameters_are_one_error_before_any_work(harness, tiny_mirror,
     repo = copy_project(tmp_path / "bad")
     before = (repo / "params.yaml").read_text()
     bad = {"train.epochs": 0, "model.latent_dim": "wide", "train.epoch": 3}
-    state = flows.vae_pipeline(root=str(repo), overrides=bad, dataset="nope", return_state=True)
+    with flows.in_checkout(repo):
+        state = flows.vae_pipeline(overrides=bad, dataset="nope", return_state=True)
     assert state.is_failed()
     for problem in ("4 problem(s)", "train.epochs: must be > 0", "model.latent_dim: expected int",
                     "train.epoch: unknown key", "data.dataset: must be one of"):  # fmt: skip
         assert problem in state.message, state.message
     # a value Prefect itself cannot take as the parameter's type
-    typed = flows.vae_pipeline(root=str(repo), epochs="ten", return_state=True)
+    with flows.in_checkout(repo):
+        typed = flows.vae_pipeline(epochs="ten", return_state=True)
     assert typed.is_failed() and "epochs" in typed.message
     for s in (state, typed):
         assert _task_runs(s.state_details.flow_run_id) == {}
@@ -211,8 +212,6 @@ def test_bad_flow_parameters_are_one_error_before_any_work(harness, tiny_mirror,
 
 def test_flow_after_a_sigkilled_dvc_repro_resumes_from_the_checkpoint(harness, tiny_mirror, tmp_path, monkeypatch):
     """The SIGKILL row of docs/faults.md, rerun through the flow rather than `dvc repro`."""
-    from test_faults import checkpoints, same_weights, wait_for
-
     from vae_mlops import checkpoint
 
     monkeypatch.setenv("VAE_DATA_MIRROR", str(tiny_mirror))
@@ -227,7 +226,8 @@ def test_flow_after_a_sigkilled_dvc_repro_resumes_from_the_checkpoint(harness, t
     proc.wait()
     saved = checkpoint.load(checkpoints(killed)[-1])["history"]  # timings included: a retrain would differ
 
-    state = flows.vae_pipeline(root=str(killed), return_state=True)
+    with flows.in_checkout(killed):
+        state = flows.vae_pipeline(return_state=True)
 
     assert state.is_completed(), state.message
     final = checkpoint.load(killed / "models" / "vae.pt")["history"]

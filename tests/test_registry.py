@@ -16,24 +16,26 @@ import numpy as np
 import pytest
 import torch
 
-from mlflow_store import fresh_store
-from vae_mlops import cli, registry, tracking
+from tests.support.mlflow_store import fresh_store
+from vae_mlops import cli, model_store, registry, tracking
+from vae_mlops.metric_catalogue import CATALOGUE, GATE_METRICS
 from vae_mlops.model import VAE, VAEConfig
 from vae_mlops.params import RegisterParams
-from vae_mlops.pyfunc import VAEServing
 
 METRIC = "test.nll_iwae"
 
 
-def _vae(seed: int = 0) -> VAE:
+def _vae(seed: int = 0, likelihood: str = "bernoulli") -> VAE:
     torch.manual_seed(seed)
-    return VAE(VAEConfig(784, 16, 2, "bernoulli")).eval()
+    return VAE(VAEConfig(784, 16, 2, likelihood)).eval()
 
 
-def _candidate(value: float, dataset: str = "tiny", data_hash: str = "hash-1", seed: int = 0) -> registry.Candidate:
+def _candidate(
+    value: float, dataset: str = "tiny", data_hash: str = "hash-1", seed: int = 0, likelihood: str = "bernoulli"
+) -> registry.Candidate:
     return registry.Candidate(
-        model=_vae(seed),
-        metrics={METRIC: value, "test.elbo": -value - 1.0},
+        model=_vae(seed, likelihood),
+        metrics={METRIC: value, "test.elbo": -value - 1.0, "test.recon_mse": value / 1000},
         dataset=dataset,
         data_hash=data_hash,
         git_commit="0123456789abcdef",
@@ -78,6 +80,32 @@ def test_a_metric_without_a_better_direction_cannot_drive_the_gate():
         registry.decide("test.kl", 0.0, 1.0, "tiny", None)
 
 
+@pytest.mark.parametrize("metric", [k for k in GATE_METRICS if CATALOGUE[k].per_likelihood])
+def test_a_likelihood_dependent_metric_is_not_compared_across_likelihoods(metric):
+    """A Gaussian density and a Bernoulli pmf are not numbers of one kind: the gate says so and what to do."""
+    champion = registry.Champion("1", "tiny", 100.0, likelihood="bernoulli")
+    for value in (1.0, 1000.0, -1000.0):  # however the numbers compare
+        promote, reason = registry.decide(metric, 0.0, value, "tiny", champion, likelihood="gaussian")
+        assert promote is False and reason.startswith("not compared: ")
+    assert "bernoulli" in reason and "gaussian" in reason
+    assert "register.metric" in reason and "test.recon_mse" in reason and "register.model_name" in reason
+    assert registry.decide(metric, 0.0, 95.0, "tiny", champion, likelihood="bernoulli")[1].startswith(metric)
+
+
+def test_a_metric_that_compares_across_likelihoods_is_compared():
+    champion = registry.Champion("1", "tiny", 0.05, likelihood="bernoulli")
+    assert registry.decide("test.recon_mse", 0.0, 0.04, "tiny", champion, likelihood="gaussian")[0] is True
+    nmi_champion = registry.Champion("1", "tiny", 0.5, likelihood="bernoulli")
+    promote, reason = registry.decide("latent.nmi", 0.0, 0.4, "tiny", nmi_champion, likelihood="gaussian")
+    assert promote is False and "worse by 0.1000" in reason
+
+
+def test_the_gate_metrics_are_the_catalogued_metrics_with_a_direction():
+    assert set(GATE_METRICS) == {k for k, m in CATALOGUE.items() if m.lower_is_better is not None}
+    assert {"test.kl", "test.active_units"}.isdisjoint(GATE_METRICS)
+    assert CATALOGUE["test.nll_iwae"].lower_is_better and not CATALOGUE["test.elbo"].lower_is_better
+
+
 # ---------------------------------------------------------------- against a real store
 
 
@@ -97,7 +125,7 @@ def store(tmp_path_factory) -> Store:
     client = tracking._client(uri)
     run_id = client.create_run(tracking._experiment_id(client, "registry-tests", uri)).info.run_id
     run = tracking.PipelineRun(run_id, "1", uri)
-    model_uri = run.log_model(VAEServing(_vae()), _candidate(1.0).input_example, {})
+    model_uri = model_store.log_vae(run, _vae(), _candidate(1.0).input_example, {})
     return Store(uri, run, model_uri, folder / "promotions.jsonl")
 
 
@@ -148,6 +176,46 @@ def test_a_version_from_another_dataset_is_not_compared(store):
     assert _aliases(store, "datasets")["champion"] == "1"
 
 
+def test_versions_are_tagged_with_their_likelihood():
+    assert registry.version_tags(_candidate(1.0, likelihood="gaussian"))[registry.TAG_LIKELIHOOD] == "gaussian"
+
+
+def test_a_champion_of_another_likelihood_is_not_compared_nor_rescored_and_the_decision_is_logged(store):
+    _submit(store, "likelihoods", _candidate(100.0, data_hash="old"))
+    d = _submit(store, "likelihoods", _candidate(1.0, data_hash="new", likelihood="gaussian"))  # _no_rescore
+    assert (d.alias, d.decision, d.champion_value) == ("challenger", "not promoted", None)
+    assert (d.likelihood, d.champion_likelihood) == ("gaussian", "bernoulli")
+    assert d.reason.startswith("not compared: test.nll_iwae") and "register.model_name" in d.reason
+    assert _aliases(store, "likelihoods")["champion"] == "1"
+    logged = [r for r in registry.read_log(store.log) if r["model_name"] == "likelihoods"]
+    assert [r["decision"] for r in logged] == ["promoted", "not promoted"] and logged[1]["reason"] == d.reason
+    assert registry.registry_history(tracking.ModelRegistry("likelihoods", store.uri))[1] == logged[1]
+
+
+def test_across_likelihoods_gate_on_a_metric_that_compares_across_them(store):
+    name = "across"
+    reg = tracking.ModelRegistry(name, store.uri)
+    for value, likelihood in ((100.0, "bernoulli"), (50.0, "gaussian")):
+        cand = _candidate(value, likelihood=likelihood)
+        version = reg.create_version(store.model_uri, store.run.run_id, registry.version_tags(cand))
+        d = registry.gate(reg, version.version, store.run.run_id, cand, RegisterParams(name, "test.recon_mse", 0.0),
+                          _no_rescore)  # fmt: skip
+    assert d.alias == "champion" and (d.value, d.champion_value) == (0.05, 0.1)
+
+
+def test_a_champion_without_a_likelihood_tag_is_read_from_its_run(store):
+    reg = tracking.ModelRegistry("untagged", store.uri)
+    client = tracking._client(store.uri)
+    run_id = client.create_run(tracking._experiment_id(client, "registry-tests", store.uri)).info.run_id
+    client.log_param(run_id, "model.likelihood", "gaussian")
+    cand = _candidate(100.0, likelihood="gaussian")
+    model_uri = model_store.log_vae(tracking.PipelineRun(run_id, "1", store.uri), cand.model, cand.input_example, {})
+    tags = {k: v for k, v in registry.version_tags(cand).items() if k != registry.TAG_LIKELIHOOD}
+    version = reg.create_version(model_uri, run_id, tags)
+    assert registry.TAG_LIKELIHOOD not in reg.version(version.version).tags  # as versions registered before the tag
+    assert registry.champion_likelihood(reg, reg.version(version.version)) == "gaussian"
+
+
 def test_a_champion_scored_on_other_test_data_is_rescored_before_deciding(store):
     _submit(store, "rescore", _candidate(100.0, data_hash="old"))
     seen = []
@@ -194,9 +262,9 @@ def test_register_logs_the_model_and_the_champion_loads_with_pyfunc(store, tmp_p
     with tracking.use_store(store.uri):
         model = mlflow.pyfunc.load_model("models:/pyfunc@champion")
     x = cand.input_example
-    recon = model.predict(x)
-    mu = model.predict(x, params={"output": "mu"})
-    log_std = model.predict(x, params={"output": "log_std"})
+    recon = model.predict(x)["values"]
+    mu = model.predict(x, params={"output": "mu"})["values"]
+    log_std = model.predict(x, params={"output": "log_std"})["values"]
     with torch.no_grad():
         want_mu, want_log_std = cand.model.encode(torch.from_numpy(x))
         want_recon = cand.model.decode(want_mu)

@@ -13,12 +13,11 @@ import psutil
 import pytest
 import requests
 
-from conftest import ROOT
-from mlflow_store import free_port, fresh_store
+from tests.support.project import ROOT
+from tests.support.mlflow_store import fresh_store
+from vae_mlops.ports import free_port
 
-sys.path.insert(0, str(ROOT))  # `pipeline` lives at the repo root, beside src/
-
-from pipeline import serve  # noqa: E402
+from pipeline import serve
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +83,7 @@ def test_make_ui_serves_the_mlflow_ui_on_loopback_only(tmp_path):
 
 
 def test_the_local_prefect_server_of_make_serve_listens_on_loopback_only(tmp_path):
-    port = serve.free_port()
+    port = free_port()
     with serve.local_server(tmp_path / "prefect-home", port) as api_url:  # as `make serve` starts it
         assert api_url == f"http://{LOOPBACK}:{port}/api"
         assert serve.healthy(api_url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -10,8 +11,8 @@ import time
 import pytest
 import torch
 
-from e2e import copy_project, run, tool_env
-from mlflow_store import free_port, fresh_store
+from tests.support.e2e import copy_project, run, tool_env
+from tests.support.mlflow_store import free_port, fresh_store
 from vae_mlops import stages, tracking
 from vae_mlops.paths import Paths
 from vae_mlops.train import EpochStats
@@ -105,6 +106,54 @@ def test_the_train_stage_logs_params_tags_epoch_metrics_and_images_into_one_run(
         steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in pngs if f"train~{name}+" in p)
         assert steps == list(range(1, epochs + 1)), name
 
+    # the run page: a description, system metrics, and the data as dataset inputs (evaluate adds the test split)
+    assert r.info.run_name == tracking.run_name_from_params(tiny_params) and tracking.TAG_DVC_EXPERIMENT not in tags
+    assert commit in tags["mlflow.note.content"] and "not a DVC experiment" in tags["mlflow.note.content"]
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(r.data.metrics)
+    with tracking.stage_run(paths) as run:
+        stages.evaluate(tiny_params, paths, run)
+    inputs = client.get_run(recorded["run_id"]).inputs.dataset_inputs
+    by_context = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
+    assert set(by_context) == {"train", "validation", "test"}
+    n_val = tiny_params.train.val_size
+    for split, ds in by_context.items():
+        assert ds.name == f"tiny-{split}" and ds.digest == manifest["data_hash"][:36]
+        rows = json.loads(ds.profile)["features_shape"][0]
+        assert rows == {"validation": n_val}.get(split, rows) and rows > 0
+        assert json.loads(ds.source) == {"uri": "data/raw/tiny"}
+    assert json.loads(by_context["test"].profile)["targets_shape"] == [json.loads(by_context["test"].profile)["features_shape"][0]]
+
+
+def test_under_a_dvc_experiment_the_run_is_named_tagged_and_described_after_it(tmp_path, tiny_params, monkeypatch):
+    root = tmp_path / "project"
+    commit = _git_repo(root)
+    manifest = {"data_hash": "h" * 64, "files": {}}
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert tracking.TAG_DVC_EXPERIMENT not in tracking.run_tags(tiny_params, Paths(root), "cpu", manifest)
+    monkeypatch.setenv("DVC_EXP_NAME", "tidy-mice")
+    tags = tracking.run_tags(tiny_params, Paths(root), "cpu", manifest)
+    assert tags["dvc.experiment"] == "tidy-mice" and tracking.run_name(tiny_params) == "tidy-mice"
+    assert "DVC experiment `tidy-mice`" in tags["mlflow.note.content"] and commit in tags["mlflow.note.content"]
+
+
+def test_inside_dvcs_temporary_copy_the_store_is_the_workspaces(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    workspace = tmp_path / "ws"
+    temp_copy = workspace / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    temp_copy.mkdir(parents=True)
+    assert tracking.workspace_root(workspace) == workspace.resolve()
+    assert tracking.workspace_root(temp_copy) == workspace.resolve()  # by DVC's layout alone
+    assert tracking.tracking_uri(Paths(temp_copy)) == f"sqlite:///{(workspace / 'mlflow.db').resolve()}"
+    # what DVC's queue sets in each stage's environment: DVC_ROOT is the workspace
+    monkeypatch.setenv("DVC_ROOT", str(workspace))
+    assert tracking.workspace_root(temp_copy) == workspace.resolve()
+    elsewhere = tmp_path / "other-repo"
+    elsewhere.mkdir()
+    assert tracking.workspace_root(elsewhere) == elsewhere.resolve()  # a DVC_ROOT that does not hold it: ignored
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(Paths(temp_copy)) == "http://127.0.0.1:5000"
+
 
 def test_only_rank_zero_opens_a_run(tmp_path, tiny_params, monkeypatch):
     monkeypatch.setenv("RANK", "1")
@@ -141,3 +190,49 @@ def test_train_command_stops_before_reading_data_when_the_server_is_unreachable(
     assert "Traceback" not in proc.stderr
     assert not (repo / "models").exists() and not (repo / "data").exists()
     assert time.monotonic() - t0 < 120  # mostly imports; the check itself takes milliseconds
+
+
+# ---------------------------------------------------------------- MLflow's global state
+
+
+def test_use_store_points_mlflow_at_a_store_for_the_block_and_restores_what_was_there(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    uri = f"sqlite:///{tmp_path / 'a.db'}"
+    with tracking.use_store(uri):
+        assert mlflow.get_tracking_uri() == uri == mlflow.get_registry_uri() == os.environ["MLFLOW_TRACKING_URI"]
+    assert not mlflow.is_tracking_uri_set() and "MLFLOW_TRACKING_URI" not in os.environ
+
+    # a store chosen by the environment: restored, and MLflow still follows the environment afterwards
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    with tracking.use_store(uri):
+        assert mlflow.get_tracking_uri() == uri
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:1" == mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:2")
+    assert mlflow.get_tracking_uri() == "http://127.0.0.1:2"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    # a store set explicitly before: set again after
+    explicit = f"sqlite:///{tmp_path / 'explicit.db'}"
+    mlflow.set_tracking_uri(explicit)
+    try:
+        with tracking.use_store(uri):
+            assert mlflow.get_tracking_uri() == uri
+        assert mlflow.get_tracking_uri() == explicit
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def test_the_mlflow_door_touches_no_private_mlflow_state():
+    import re
+    from pathlib import Path
+
+    source = Path(tracking.__file__)
+    files = sorted(source.parent.glob("*.py")) if source.name == "__init__.py" else [source]
+    for f in files:
+        private = re.findall(r"mlflow(?:\.\w+)*\._\w+|\b_(?:tracking|registry)_uri\b", f.read_text())
+        assert not private, f"{f.name} reaches into MLflow's private state: {sorted(set(private))}"

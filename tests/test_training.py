@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_raw_params
+from tests.support.project import tiny_raw_params
 from vae_mlops import checkpoint, stages
 from vae_mlops.params import parse_params
 from vae_mlops.paths import Paths

@@ -7,19 +7,15 @@ import sys
 
 import pytest
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT))  # `pipeline` lives at the repo root, beside src/
-
-from pipeline import flows  # noqa: E402
+from pipeline import flows
 
 
 def test_a_second_pipeline_run_in_the_same_checkout_is_refused(tmp_path):
     (tmp_path / ".dvc").mkdir()
     holder = subprocess.Popen(  # another process holds the checkout, as a running flow would
-        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); from pipeline import flows; "
-         "from pathlib import Path\nwith flows.workspace_lock(Path(sys.argv[2])):\n print('held', flush=True); time.sleep(60)",
-         str(ROOT), str(tmp_path)],
+        [sys.executable, "-c", "import sys, time; from pipeline import flows; "
+         "from pathlib import Path\nwith flows.workspace_lock(Path(sys.argv[1])):\n print('held', flush=True); time.sleep(60)",
+         str(tmp_path)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -11,8 +11,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from vae_mlops.errors import VaeMlopsError
 
-class WriteError(OSError):
+
+class WriteError(OSError, VaeMlopsError):
     """A file could not be written (disk full, quota, permissions); the previous one is intact."""
 
 
@@ -30,6 +32,13 @@ def _named_write_errors(target: Path) -> Iterator[None]:
         ) from exc
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it: POSIX has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it over `target` only on success."""
@@ -44,6 +53,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
             yield tmp_path
             with open(tmp_path, "rb") as fh:
                 os.fsync(fh.fileno())
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes it 0600; give what open() would
             os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -75,7 +85,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     with _named_write_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the data is for every user
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; give what mkdir() would
     try:
         with _named_write_errors(target):
             yield tmp

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from vae_mlops import atomic
+from vae_mlops.errors import VaeMlopsError
 from vae_mlops.model import VAE, VAEConfig
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ KEEP = 2  # checkpoints kept per run key: the last one and one fallback
 _NAME = re.compile(r"^epoch-(\d{4,})\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(VaeMlopsError):
     """A model file is missing, corrupt or not a checkpoint this project wrote."""
 
 

@@ -14,28 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 
-from vae_mlops import data, registry, stages, tracking
-from vae_mlops.atomic import WriteError
-from vae_mlops.checkpoint import CheckpointError
-from vae_mlops.data import DataError
-from vae_mlops.metrics import MetricsError
-from vae_mlops.params import ParamsError, load_params, parse_set_args
+from vae_mlops import compare, data, distributed, registry, stages, tracking
+from vae_mlops.cli_args import common_parser
+from vae_mlops.errors import VaeMlopsError
+from vae_mlops.params import load_params, parse_set_args
 from vae_mlops.paths import Paths
-from vae_mlops.registry import RegistryError
-from vae_mlops.tracking import TrackingError
-from vae_mlops.train import DeviceError, TrainingDiverged, resolve_device
-
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
-    ParamsError,
-    DataError,
-    DeviceError,
-    TrainingDiverged,
-    CheckpointError,
-    TrackingError,
-    MetricsError,
-    RegistryError,
-    WriteError,
-)
+from vae_mlops.train import resolve_device
 
 log = logging.getLogger("vae_mlops")
 
@@ -47,6 +31,9 @@ def _cmd_download(args: argparse.Namespace) -> dict:
 
 def _cmd_train(args: argparse.Namespace) -> dict:
     params = load_params(args.params, parse_set_args(args.set))
+    if params.train.nproc > 1 and not distributed.launched_by_torchrun():
+        argv = ["train", "--params", str(args.params), "--root", str(args.root)]
+        distributed.exec_torchrun(params.train.nproc, [*argv, *(a for s in args.set for a in ("-S", s))])
     paths = Paths(args.root)
     if tracking.is_logging_rank():
         tracking.connect(paths)  # an unreachable server fails here, before any data is read
@@ -90,20 +77,28 @@ def _cmd_registry(args: argparse.Namespace) -> None:
     return None
 
 
+def _cmd_compare(args: argparse.Namespace) -> dict:
+    """`compare A B`: the comparison report of two runs (A the baseline, B the candidate); docs in compare.py."""
+    params = load_params(args.params, parse_set_args(args.set))
+    paths = Paths(args.root)
+    out_dir = args.out if args.out is not None else paths.reports_dir
+    uri = tracking.connect(paths)
+    files = compare.compare_runs(args.a, args.b, uri, paths, params.evaluate, params.data.dataset, out_dir)
+    return {name: str(path) for name, path in files.items()}
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict | None]] = {
     "download": _cmd_download,
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
     "register": _cmd_register,
     "registry": _cmd_registry,
+    "compare": _cmd_compare,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
-    common.add_argument("--root", type=Path, default=Path("."), help="project root (default .)")
-    common.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    common = common_parser()
     parser = argparse.ArgumentParser(prog="python -m vae_mlops", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("download", "train", "evaluate", "register"):
@@ -111,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg = sub.add_parser("registry", parents=[common], help="the Model Registry: `registry history`")
     reg.add_argument("action", choices=["history"], help="history: who was champion when, and why")
     reg.add_argument("--registry", action="store_true", help="read every version's tag, not reports/promotions.jsonl")
+    cmp = sub.add_parser("compare", parents=[common], help="a report comparing two runs: compare A B")
+    cmp.add_argument("a", help="the baseline: an MLflow run id, a DVC experiment, or models:/NAME/VERSION or @ALIAS")
+    cmp.add_argument("b", help="the candidate, named the same ways; deltas are B - A")
+    cmp.add_argument("--out", type=Path, help="folder for compare.html and compare.md (default reports/)")
     return parser
 
 
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = COMMANDS[args.command](args)
-    except EXPECTED_ERRORS as exc:
+    except VaeMlopsError as exc:  # a known fault: its message says what to do; anything else keeps its traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if result is not None:

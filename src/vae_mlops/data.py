@@ -28,6 +28,7 @@ import torch
 
 from vae_mlops import atomic
 from vae_mlops.datasets import DatasetSpec, IdxFile
+from vae_mlops.errors import VaeMlopsError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ IDX_UBYTE = 0x08
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class DataError(RuntimeError):
+class DataError(VaeMlopsError):
     """A dataset file could not be fetched or is not what it should be."""
 
 

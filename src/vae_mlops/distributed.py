@@ -12,12 +12,14 @@ import contextlib
 import datetime
 import logging
 import os
-import socket
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+
+from vae_mlops.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +99,6 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def session(distributed: bool, device_type: str) -> Iterator[Single]:
     """Join (and afterwards leave) a process group when DDP is wanted; else yield `Single()`.
@@ -121,7 +117,7 @@ def session(distributed: bool, device_type: str) -> Iterator[Single]:
     if own and launched_by_torchrun():
         dist.init_process_group(backend_for(torch.device(device_type)), timeout=TIMEOUT)
     elif own:
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        init = f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group(backend_for(torch.device(device_type)), init, timeout=TIMEOUT, rank=0, world_size=1)
     group = Group(dist.get_rank(), dist.get_world_size(), local_rank)
     log.info("DDP rank %d of %d (%s)", group.rank, group.world_size, dist.get_backend())
@@ -138,3 +134,23 @@ def device_for(device: torch.device, world: Single) -> torch.device:
         torch.cuda.set_device(world.local_rank)
         return torch.device("cuda", world.local_rank)
     return device
+
+
+def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
+    """`torchrun --standalone --nproc_per_node=nproc -m vae_mlops *argv`, with this interpreter's torch."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "vae_mlops", *argv]  # fmt: skip
+
+
+def exec_torchrun(nproc: int, argv: list[str]) -> None:
+    """Replace this process with torchrun running `python -m vae_mlops *argv` on `nproc` ranks.
+
+    `train.nproc > 1` in params: `dvc repro`, `dvc exp run -S train.nproc=2` and a plain
+    `python -m vae_mlops train` all start DDP this way, and DVC waits on the same process id
+    and records torchrun's exit code. Never returns.
+    """
+    log.info("train.nproc is %d: relaunching under torchrun", nproc)
+    cmd = torchrun_argv(nproc, argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)

@@ -52,9 +52,10 @@ def save_png(grid: Tensor, path: Path) -> Path:
     return path
 
 
-def to_hwc_uint8(grid: Tensor):
-    """(3, H, W) float grid -> (H, W, 3) uint8 numpy, the form `mlflow.log_image` takes."""
-    return grid.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+def to_hwc_uint8(grid: Tensor) -> np.ndarray:
+    """(C, H, W) (or (H, W)) float on [0, 1] -> (H, W, C) uint8 numpy, the form `mlflow.log_image` takes."""
+    g = grid.detach().float().cpu().mul(255).round().clamp(0, 255).byte()
+    return g.permute(1, 2, 0).numpy() if g.ndim == 3 else g.numpy()
 
 
 # ---------------------------------------------------------------- evaluation pictures

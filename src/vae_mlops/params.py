@@ -2,27 +2,34 @@
 
 `params.yaml` is the only source of tunable values: every field below is
 required there, and an unknown, missing or ill-typed key is reported together
-with every other problem in one `ParamsError`.
+with every other problem in one `ParamsError`. The sections are frozen pydantic
+dataclasses with extra keys forbidden: pydantic finds the problems, this module
+words them (`train.epochs: must be > 0, got 0`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Callable, Mapping
 
 import yaml
+from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, ValidationInfo
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
+
+from vae_mlops.errors import VaeMlopsError
+from vae_mlops.likelihoods import LIKELIHOODS as LIKELIHOOD_REGISTRY
+from vae_mlops.precision import PRECISIONS
 
 DATASETS = ("mnist", "fashion-mnist")
-LIKELIHOODS = ("bernoulli", "gaussian")
+LIKELIHOODS = tuple(LIKELIHOOD_REGISTRY)  # one module each in vae_mlops/likelihoods/
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("float32", "bf16")
 LATENT_MAPS = ("pca", "tsne")
 
 
-class ParamsError(ValueError):
+class ParamsError(VaeMlopsError, ValueError):
     """Raised with every problem found in the params, one per line."""
 
     def __init__(self, problems: list[str], source: str = "params.yaml") -> None:
@@ -31,29 +38,44 @@ class ParamsError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}\nFix them and rerun.")
 
 
-def _positive(v: float) -> str | None:
-    return None if v > 0 else "must be > 0"
+# ---------------------------------------------------------------- field types
+
+RULE = "params_rule"  # pydantic error type of the checks below; its message is used as written
+LOADING = "params_loading"  # validation context of `parse_params`: checks against this machine run too
 
 
-def _non_negative(v: float) -> str | None:
-    return None if v >= 0 else "must be >= 0"
+def _rule(check: Callable[[Any], str | None], on_load_only: bool = False) -> AfterValidator:
+    """A check returning a problem (or None) as a pydantic validator.
+
+    `on_load_only`: the check asks this machine (registered datasets, a GPU), so it runs
+    when params are loaded, not when code or tests build a section object directly.
+    """
+
+    def validate(v: Any, info: ValidationInfo) -> Any:
+        if on_load_only and info.context != LOADING:
+            return v
+        msg = check(v)
+        if msg:
+            raise PydanticCustomError(RULE, msg)
+        return v
+
+    return AfterValidator(validate)
 
 
-def _device(v: str) -> str | None:
-    """A known device name, and `cuda` only where torch sees a GPU: reported with every other problem."""
-    known = _one_of(*DEVICES)(v)
-    if known or v != "cuda":
-        return known
-    import torch  # only for this check: parsing params stays cheap for every other value
-
-    return None if torch.cuda.is_available() else "is 'cuda' but no CUDA GPU is available here; use auto or cpu"
-
-
-def _one_of(*choices: str):
+def _one_of(*choices: str) -> Callable[[str], str | None]:
     def check(v: str) -> str | None:
         return None if v in choices else f"must be one of {', '.join(choices)}"
 
     return check
+
+
+def _cuda_here(v: str) -> str | None:
+    """`cuda` only where torch sees a GPU: reported with every other problem."""
+    if v != "cuda":
+        return None
+    import torch  # only for this check: parsing params stays cheap for every other value
+
+    return None if torch.cuda.is_available() else "is 'cuda' but no CUDA GPU is available here; use auto or cpu"
 
 
 def _extra_dataset_ok(v: str) -> str | None:
@@ -64,75 +86,98 @@ def _extra_dataset_ok(v: str) -> str | None:
     return None if v in names else f"must be one of {', '.join(sorted(names))}"
 
 
-def _check(fn) -> Any:
-    return field(metadata={"check": fn})
+def _gate_metric(v: str) -> str | None:
+    from vae_mlops.metric_catalogue import gate_metric_problem
+
+    return gate_metric_problem(v)
 
 
-@dataclass(frozen=True)
+def _not_empty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _cron(v: str) -> str | None:
+    return None if len(v.split()) == 5 else "must be a 5-field cron expression"
+
+
+# Strict: `true` is not an int and "3" is not a number; a float field takes an int and stores a float.
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+PositiveFloat = Annotated[float, Strict(), Field(gt=0)]
+NonNegativeFloat = Annotated[float, Strict(), Field(ge=0)]
+NonEmptyStr = Annotated[str, Strict(), _rule(_not_empty)]
+
+SECTION = ConfigDict(extra="forbid")  # an unknown key is a problem, never silently ignored
+
+
+@dataclass(frozen=True, config=SECTION)
 class DataParams:
-    dataset: str = _check(_extra_dataset_ok)
-    timeout_s: float = _check(_positive)
-    retries: int = _check(_positive)
+    dataset: Annotated[str, Strict(), _rule(_extra_dataset_ok, on_load_only=True)]
+    timeout_s: PositiveFloat
+    retries: PositiveInt
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ModelParams:
-    hidden_dim: int = _check(_positive)
-    latent_dim: int = _check(_positive)
-    likelihood: str = _check(_one_of(*LIKELIHOODS))
+    hidden_dim: PositiveInt
+    latent_dim: PositiveInt
+    likelihood: Annotated[str, Strict(), _rule(_one_of(*LIKELIHOODS))]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class TrainParams:
-    device: str = _check(_device)
-    seed: int = _check(_non_negative)
-    epochs: int = _check(_positive)
-    batch_size: int = _check(_positive)
-    lr: float = _check(_positive)
-    beta: float = _check(_non_negative)
-    val_size: int = _check(_positive)
-    image_every: int = _check(_positive)
-    precision: str = _check(_one_of(*PRECISIONS))
-    fused: bool = _check(lambda v: None)  # float32 step with a hand-written backward; bf16/compile use autograd
-    compile: bool = _check(lambda v: None)
-    cuda_graphs: bool = _check(lambda v: None)
-    threads: int = _check(_non_negative)  # 0: torch's default (OMP_NUM_THREADS under torchrun)
-    distributed: bool = _check(lambda v: None)
+    device: Annotated[str, Strict(), _rule(_one_of(*DEVICES)), _rule(_cuda_here, on_load_only=True)]
+    seed: NonNegativeInt
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    beta: NonNegativeFloat
+    val_size: PositiveInt
+    image_every: PositiveInt
+    precision: Annotated[str, Strict(), _rule(_one_of(*PRECISIONS))]
+    fused: Bool  # float32 step with a hand-written backward; bf16/compile use autograd
+    compile: Bool
+    cuda_graphs: Bool
+    threads: NonNegativeInt  # 0: torch's default (OMP_NUM_THREADS under torchrun)
+    distributed: Bool
+    nproc: PositiveInt  # processes on this node; > 1: `python -m vae_mlops train` relaunches itself under torchrun
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class EvaluateParams:
-    iwae_samples: int = _check(_positive)
-    batch_size: int = _check(_positive)
-    seed: int = _check(_non_negative)
-    n_clusters: int = _check(lambda v: None if v >= 2 else "must be >= 2")
-    latent_map: str = _check(_one_of(*LATENT_MAPS))
+    iwae_samples: PositiveInt
+    batch_size: PositiveInt
+    seed: NonNegativeInt
+    n_clusters: Annotated[int, Strict(), Field(ge=2)]
+    latent_map: Annotated[str, Strict(), _rule(_one_of(*LATENT_MAPS))]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class RegisterParams:
-    model_name: str = _check(lambda v: None if v.strip() else "must not be empty")
-    metric: str = _check(lambda v: None if v.strip() else "must not be empty")
-    min_delta: float = _check(_non_negative)
+    model_name: NonEmptyStr
+    metric: Annotated[str, Strict(), _rule(_gate_metric)]  # a catalogued metric with a direction
+    min_delta: NonNegativeFloat
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class MlflowParams:
-    experiment: str = _check(lambda v: None if v.strip() else "must not be empty")
+    experiment: NonEmptyStr
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class OrchestrateParams:
-    cpu_pool: str = _check(lambda v: None if v.strip() else "must not be empty")
-    gpu_pool: str = _check(lambda v: None)
-    retrain_cron: str = _check(lambda v: None if len(v.split()) == 5 else "must be a 5-field cron expression")
-    timezone: str = _check(lambda v: None if v.strip() else "must not be empty")
-    task_timeout_s: float = _check(_positive)
-    retries: int = _check(_non_negative)  # of the network-facing tasks (download, register, dvc push/pull)
-    retry_delay_s: float = _check(_positive)  # first backoff; doubles on each retry
+    cpu_pool: NonEmptyStr
+    gpu_pool: Str
+    retrain_cron: Annotated[str, Strict(), _rule(_cron)]
+    timezone: NonEmptyStr
+    task_timeout_s: PositiveFloat
+    retries: NonNegativeInt  # of the network-facing tasks (download, register, dvc push/pull)
+    retry_delay_s: PositiveFloat  # first backoff; doubles on each retry
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class Params:
     data: DataParams
     model: ModelParams
@@ -150,69 +195,59 @@ class Params:
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
 
 
-def _type_ok(value: Any, tp: type) -> bool:
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, tp)
+# ---------------------------------------------------------------- validation
+
+_PARAMS = TypeAdapter(Params)
+_TYPE_NAMES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str"}
 
 
-def _section_types(cls: type) -> dict[str, type]:
-    return typing.get_type_hints(cls)
+def _known(loc: tuple) -> str:
+    """The legal names at `loc`'s parent: the sections, or a section's keys."""
+    cls = Params
+    for part in loc[:-1]:
+        cls = typing.get_type_hints(cls).get(part)
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return ""
+    return ", ".join(f.name for f in dataclasses.fields(cls))
 
 
-def _parse_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
-    if not isinstance(raw, Mapping):
-        problems.append(f"{name}: must be a mapping, got {type(raw).__name__}")
-        return None
-    types_ = _section_types(cls)
-    for key in raw:
-        if key not in types_:
-            problems.append(f"{name}.{key}: unknown key (known: {', '.join(types_)})")
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        key = f"{name}.{f.name}"
-        if f.name not in raw:
-            problems.append(f"{key}: missing")
-            continue
-        v, tp = raw[f.name], types_[f.name]
-        if not _type_ok(v, tp):
-            problems.append(f"{key}: expected {tp.__name__}, got {type(v).__name__} ({v!r})")
-            continue
-        v = float(v) if tp is float else v
-        msg = f.metadata["check"](v)
-        if msg:
-            problems.append(f"{key}: {msg}, got {v!r}")
-        values[f.name] = v
-    return cls(**values) if len(values) == len(dataclasses.fields(cls)) else None
+def _problem(err: Mapping[str, Any]) -> str:
+    """One pydantic error as the line a user reads: `dotted.key: what is wrong, got value`."""
+    loc = tuple(err["loc"])
+    key, kind, value = ".".join(map(str, loc)), err["type"], err.get("input")
+    ctx = err.get("ctx") or {}
+    top = len(loc) == 1
+    if kind == "missing":
+        return f"{key}: missing section" if top else f"{key}: missing"
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"{key}: unknown {'section' if top else 'key'} (known: {_known(loc)})"
+    if kind in ("dataclass_type", "dict_type", "model_type"):
+        return f"{key}: must be a mapping, got {type(value).__name__}"
+    if kind in _TYPE_NAMES:
+        return f"{key}: expected {_TYPE_NAMES[kind]}, got {type(value).__name__} ({value!r})"
+    if kind == "greater_than":
+        return f"{key}: must be > {ctx['gt']}, got {value!r}"
+    if kind == "greater_than_equal":
+        return f"{key}: must be >= {ctx['ge']}, got {value!r}"
+    return f"{key}: {err['msg']}, got {value!r}"
 
 
-def _cross_checks(p: Params, problems: list[str]) -> None:
+def _cross_checks(p: Params) -> list[str]:
+    problems = []
     if p.train.val_size >= 60_000 and p.data.dataset in DATASETS:
         problems.append("train.val_size: must leave training images (< 60000)")
+    return problems
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     """Validate a raw mapping into `Params`, raising one `ParamsError` with every problem."""
-    problems: list[str] = []
     if not isinstance(raw, Mapping):
         raise ParamsError([f"top level must be a mapping, got {type(raw).__name__}"], source)
-    hints = typing.get_type_hints(Params)
-    for key in raw:
-        if key not in hints:
-            problems.append(f"{key}: unknown section (known: {', '.join(hints)})")
-    sections = {}
-    for name, cls in hints.items():
-        if name not in raw:
-            problems.append(f"{name}: missing section")
-            continue
-        sections[name] = _parse_section(name, cls, raw[name], problems)
-    if not problems:
-        params = Params(**sections)
-        _cross_checks(params, problems)
+    try:
+        params = _PARAMS.validate_python(dict(raw), context=LOADING)
+    except ValidationError as exc:
+        raise ParamsError([_problem(e) for e in exc.errors()], source) from None
+    problems = _cross_checks(params)
     if problems:
         raise ParamsError(problems, source)
     return params

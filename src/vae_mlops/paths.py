@@ -74,6 +74,15 @@ class Paths:
     def promotion_log(self) -> Path:
         return self.reports_dir / "promotions.jsonl"
 
+    @property
+    def compare_html(self) -> Path:
+        """The candidate against the champion it was gated against (vae_mlops.compare)."""
+        return self.reports_dir / "compare.html"
+
+    @property
+    def compare_md(self) -> Path:
+        return self.reports_dir / "compare.md"
+
     # tracking: the embedded MLflow store (MLFLOW_TRACKING_URI points elsewhere)
     @property
     def mlflow_db(self) -> Path:

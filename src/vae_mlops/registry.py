@@ -4,7 +4,10 @@ The alias `champion` moves to a new version only if it beats the current champio
 on `register.metric` by at least `register.min_delta`, on the same dataset and
 the same test data (a champion scored on data with another hash is re-scored on
 the current test split first). Otherwise the new version gets `challenger`. The
-first version is champion.
+first version is champion. Values that are not of one kind are never compared:
+a champion of another dataset, or, for a likelihood-dependent metric
+(`metric_catalogue`), of another `model.likelihood`, stays, and the decision says
+what to change.
 
 Aliases keep no history, so every decision is appended to the promotion log
 (`reports/promotions.jsonl`) and tagged on its version (`promotion`, JSON).
@@ -30,9 +33,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from vae_mlops import tracking
+from vae_mlops import model_store, tracking
+from vae_mlops.errors import VaeMlopsError
+from vae_mlops.metric_catalogue import CATALOGUE, Metric, gate_metric_problem
 from vae_mlops.params import RegisterParams
-from vae_mlops.pyfunc import VAEServing
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +45,8 @@ CHALLENGER = "challenger"
 PROMOTED = "promoted"
 NOT_PROMOTED = "not promoted"
 
-# Which way is better, per metric key of `metrics.METRIC_KEYS`. `test.kl` and
-# `test.active_units` have no better direction and cannot drive the gate.
-LOWER_IS_BETTER = {
-    "test.nll_iwae": True,
-    "test.recon_mse": True,
-    "test.recon_bce": True,
-    "test.elbo": False,
-    "latent.nmi": False,
-    "latent.ari": False,
-    "latent.accuracy": False,
-    "latent.silhouette": False,
-}
-
 TAG_MODEL_SHA256 = "model.sha256"
+TAG_LIKELIHOOD = "model.likelihood"  # a likelihood-dependent metric compares only between versions of one
 TAG_METRIC = "metric."  # + metric key: the value on the test data of `data.hash`
 TAG_PROMOTION = "promotion"
 LOCK_TIMEOUT_S = 900.0  # a registration that re-scores a champion on full MNIST takes minutes
@@ -62,7 +54,7 @@ VERIFY_ROUNDS = 5  # servers: re-read the alias this often before trusting it
 VERIFY_DELAY_S = 0.5
 
 
-class RegistryError(RuntimeError):
+class RegistryError(VaeMlopsError):
     """The gate cannot decide (unknown metric, missing champion data, lock timeout): says why."""
 
 
@@ -78,6 +70,11 @@ class Candidate:
     model_sha256: str
     input_example: object  # (2, 784) float32 numpy: test images
 
+    @property
+    def likelihood(self) -> str | None:
+        """The model's `model.likelihood` (its config knows it)."""
+        return getattr(getattr(self.model, "config", None), "likelihood", None)
+
 
 @dataclass(frozen=True)
 class Champion:
@@ -87,6 +84,7 @@ class Champion:
     dataset: str
     value: float | None
     rescored: bool = False
+    likelihood: str | None = None  # its `model.likelihood`; None: not recorded
 
 
 @dataclass(frozen=True)
@@ -108,6 +106,8 @@ class Decision:
     data_hash: str
     git_commit: str
     run_id: str
+    likelihood: str | None = None  # the version's; absent from decisions logged before it was recorded
+    champion_likelihood: str | None = None
 
     @property
     def promoted(self) -> bool:
@@ -117,23 +117,42 @@ class Decision:
         return asdict(self)
 
 
-def lower_is_better(metric: str) -> bool:
-    if metric not in LOWER_IS_BETTER:
-        raise RegistryError(
-            f"register.metric={metric!r} cannot drive the gate: use one of {', '.join(LOWER_IS_BETTER)}"
-        )
-    return LOWER_IS_BETTER[metric]
+def gate_metric(metric: str) -> Metric:
+    """The catalogue's entry for `register.metric`; only a metric with a better direction can drive the gate."""
+    problem = gate_metric_problem(metric)
+    if problem:
+        raise RegistryError(f"register.metric={metric!r} cannot drive the gate: {problem}")
+    return CATALOGUE[metric]
 
 
-def decide(metric: str, min_delta: float, value: float, dataset: str, champion: Champion | None) -> tuple[bool, str]:
-    """The gate itself: (promote?, why). Promotes only on a strict improvement of at least `min_delta`."""
-    lower = lower_is_better(metric)
+def comparable(metric: str, likelihood: str | None, champion: Champion) -> bool:
+    """False when `metric` depends on the likelihood and the two versions' likelihoods differ."""
+    return not CATALOGUE[metric].per_likelihood or champion.likelihood == likelihood
+
+
+def decide(
+    metric: str, min_delta: float, value: float, dataset: str, champion: Champion | None, likelihood: str | None = None
+) -> tuple[bool, str]:
+    """The gate itself: (promote?, why). Promotes only on a strict improvement of at least `min_delta`.
+
+    `likelihood` is the candidate's `model.likelihood`; a likelihood-dependent metric is
+    compared only with a champion of the same one (None on both sides counts as the same).
+    """
+    lower = gate_metric(metric).lower_is_better
     if champion is None:
         return True, "first version: there is no champion yet"
     if champion.dataset != dataset:
         return False, (
             f"not compared: champion v{champion.version} was evaluated on {champion.dataset!r}, this version "
             f"on {dataset!r}; the champion stays (use one register.model_name per dataset)"
+        )
+    if not comparable(metric, likelihood, champion):
+        across = ", ".join(k for k, m in CATALOGUE.items() if m.direction and not m.per_likelihood)
+        return False, (
+            f"not compared: {metric} is a density under each model's own likelihood, comparable only within one; "
+            f"champion v{champion.version} is {champion.likelihood or 'of an unrecorded likelihood'}, this version "
+            f"{likelihood}. The champion stays: to gate across likelihoods set register.metric to one that compares "
+            f"across them ({across}), or register each likelihood under its own register.model_name"
         )
     assert champion.value is not None
     gain = champion.value - value if lower else value - champion.value
@@ -205,7 +224,7 @@ def register(
     when it was scored on data with another hash. Registering the same run's model
     again returns the recorded decision instead of a second version.
     """
-    lower_is_better(cfg.metric)
+    gate_metric(cfg.metric)
     if cfg.metric not in candidate.metrics:
         raise RegistryError(f"register.metric={cfg.metric!r} is not in the metrics ({', '.join(candidate.metrics)})")
     reg = tracking.ModelRegistry(cfg.model_name, run.uri)
@@ -215,6 +234,9 @@ def register(
             decision = Decision(**json.loads(existing.tags[TAG_PROMOTION]))
             log.info("this run's model is already version %s of %s: %s", decision.version, reg.name, decision.reason)
             return decision
+        current = reg.aliases().get(CHAMPION)
+        if current is not None and (existing is None or current != existing.version):
+            check_champion(reg, current)  # before a version is made: a refused champion leaves nothing behind
         version = existing or _new_version(run, reg, candidate)
         decision = gate(reg, version.version, run.run_id, candidate, cfg, rescore)
         if not locked:
@@ -230,13 +252,14 @@ def version_tags(c: Candidate) -> dict[str, str]:
         tracking.TAG_DATASET: c.dataset,
         tracking.TAG_DATA_HASH: c.data_hash,
         TAG_MODEL_SHA256: c.model_sha256,
+        **({TAG_LIKELIHOOD: c.likelihood} if c.likelihood else {}),
         **{TAG_METRIC + k: repr(float(v)) for k, v in c.metrics.items()},
     }
 
 
 def _new_version(run: tracking.PipelineRun, reg: tracking.ModelRegistry, c: Candidate) -> tracking.VersionInfo:
     tags = version_tags(c)
-    model_uri = run.log_model(VAEServing(c.model), c.input_example, tags)
+    model_uri = model_store.log_vae(run, c.model, c.input_example, tags, c.metrics)
     return reg.create_version(model_uri, run.run_id, tags)
 
 
@@ -253,11 +276,12 @@ def gate(
     current = reg.aliases().get(CHAMPION)
     champion = None
     if current is not None and current != version:
+        check_champion(reg, current)
         champion = _champion(reg, current, candidate, cfg.metric, rescore)
     if current == version:  # settled already (a server round that found its own alias)
         promote, reason = True, "already the champion"
     else:
-        promote, reason = decide(cfg.metric, cfg.min_delta, value, candidate.dataset, champion)
+        promote, reason = decide(cfg.metric, cfg.min_delta, value, candidate.dataset, champion, candidate.likelihood)
     alias = CHAMPION if promote else CHALLENGER
     reg.set_alias(alias, version)
     return Decision(
@@ -268,7 +292,7 @@ def gate(
         decision=PROMOTED if promote else NOT_PROMOTED,
         reason=reason,
         metric=cfg.metric,
-        lower_is_better=lower_is_better(cfg.metric),
+        lower_is_better=bool(gate_metric(cfg.metric).lower_is_better),
         value=value,
         champion_version=champion.version if champion else None,
         champion_value=champion.value if champion else None,
@@ -276,7 +300,22 @@ def gate(
         data_hash=candidate.data_hash,
         git_commit=candidate.git_commit,
         run_id=run_id,
+        likelihood=candidate.likelihood,
+        champion_likelihood=champion.likelihood if champion else None,
     )
+
+
+def check_champion(reg: tracking.ModelRegistry, version: str) -> None:
+    """Refuse a champion that is not in the weights-only format, whether or not it needs re-scoring.
+
+    Only its MLmodel file is read (YAML); nothing of it is unpickled or run.
+    """
+    try:
+        model_store.verify(f"models:/{reg.name}/{version}", reg.uri)
+    except model_store.UnsafeModelError as exc:
+        raise model_store.UnsafeModelError(
+            f"the gate refuses to compare with champion v{version} of {reg.name}: {exc}"
+        ) from None
 
 
 def _champion(
@@ -285,17 +324,28 @@ def _champion(
     """The champion's score on the candidate's test data: its own tag when the data hash agrees, else re-scored."""
     info = reg.version(version)
     dataset = info.tags.get(tracking.TAG_DATASET, "unknown")
+    likelihood = champion_likelihood(reg, info)
     if dataset != candidate.dataset:
-        return Champion(version, dataset, None)
+        return Champion(version, dataset, None, likelihood=likelihood)
+    if not comparable(metric, candidate.likelihood, Champion(version, dataset, None, likelihood=likelihood)):
+        return Champion(version, dataset, None, likelihood=likelihood)  # not compared, so not re-scored either
     if info.tags.get(tracking.TAG_DATA_HASH) == candidate.data_hash and TAG_METRIC + metric in info.tags:
-        return Champion(version, dataset, float(info.tags[TAG_METRIC + metric]))
+        return Champion(version, dataset, float(info.tags[TAG_METRIC + metric]), likelihood=likelihood)
     cached = f"{TAG_METRIC}{metric}:{candidate.data_hash[:16]}"  # a re-score done before on this data
     if cached in info.tags:
-        return Champion(version, dataset, float(info.tags[cached]), rescored=True)
+        return Champion(version, dataset, float(info.tags[cached]), rescored=True, likelihood=likelihood)
     log.info("champion v%s was scored on other test data: re-scoring it on the current test split", version)
-    value = float(rescore(reg.load_vae(version)))
+    value = float(rescore(model_store.load_vae(f"models:/{reg.name}/{version}", reg.uri)))
     reg.set_tags(version, {cached: repr(value)})
-    return Champion(version, dataset, value, rescored=True)
+    return Champion(version, dataset, value, rescored=True, likelihood=likelihood)
+
+
+def champion_likelihood(reg: tracking.ModelRegistry, info: tracking.VersionInfo) -> str | None:
+    """The version's `model.likelihood` tag, else its run's logged param (versions registered before the tag)."""
+    if TAG_LIKELIHOOD in info.tags:
+        return info.tags[TAG_LIKELIHOOD]
+    run = tracking.RunReader(reg.uri).run(info.run_id) if info.run_id else None
+    return run.params.get("model.likelihood") if run else None
 
 
 def _settle(

@@ -61,6 +61,8 @@ def evaluate(params: Params, paths: Paths, run: PipelineRun | None = None) -> di
         scores["latent.nmi"], scores["latent.ari"], len(x), seconds,
     )  # fmt: skip
     if run is not None:
+        test_hash = data.read_manifest(paths.raw_dir(params.data.dataset))["data_hash"]  # the data scored now
+        run.log_datasets({"test": (x, labels)}, params.data.dataset, test_hash)
         run.log_metrics(scores)
         run.log_metrics({"evaluate/seconds": seconds})
         run.log_files(pictures, "evaluate")

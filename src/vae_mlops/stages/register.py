@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from vae_mlops import atomic, data, metrics, registry, tracking
+from vae_mlops import atomic, compare, data, metrics, registry, tracking
 from vae_mlops.params import Params
 from vae_mlops.paths import Paths
 from vae_mlops.stages.evaluate import load_test_split, load_trained, read_metrics
@@ -54,4 +54,6 @@ def register(params: Params, paths: Paths, run: tracking.PipelineRun) -> dict:
         "model_uri": f"models:/{decision.model_name}/{decision.version}",
     }
     atomic.write_json(paths.registration_file, result)
+    # the candidate against the champion it was gated against: reports/compare.{html,md}, logged to the run
+    compare.registration_report(run, decision, model, (x, labels), params.evaluate, paths)
     return result

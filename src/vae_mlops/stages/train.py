@@ -21,8 +21,9 @@ from torch import Tensor
 from vae_mlops import atomic, checkpoint, data, distributed, images
 from vae_mlops.datasets import get_dataset
 from vae_mlops.model import VAE, VAEConfig
-from vae_mlops.params import Params
+from vae_mlops.params import Params, ParamsError
 from vae_mlops.paths import Paths
+from vae_mlops.precision import resolve_precision
 from vae_mlops.distributed import Single
 from vae_mlops.train import (
     EpochStats,
@@ -36,7 +37,7 @@ from vae_mlops.train import (
 
 log = logging.getLogger(__name__)
 
-CODE_FILES = ("model.py", "train.py")  # a change here invalidates resumable checkpoints
+CODE_FILES = ("model.py", "train.py", "step.py", "likelihoods/*.py")  # a change here invalidates resumable checkpoints
 
 class RunLogger(Protocol):
     """Where the train stage reports each epoch (MLflow in production, nothing in unit tests)."""
@@ -45,12 +46,17 @@ class RunLogger(Protocol):
 
     def log_images(self, grids: dict[str, Tensor], step: int) -> None: ...
 
+    def log_datasets(self, splits: dict[str, tuple[Tensor, Tensor | None]], dataset: str, data_hash: str) -> None: ...
+
 
 class NullLogger:
     def log_epoch(self, stats: EpochStats) -> None:
         pass
 
     def log_images(self, grids: dict[str, Tensor], step: int) -> None:
+        pass
+
+    def log_datasets(self, splits: dict[str, tuple[Tensor, Tensor | None]], dataset: str, data_hash: str) -> None:
         pass
 
 
@@ -76,10 +82,11 @@ def load_train_data(params: Params, paths: Paths, device: torch.device) -> Train
 
 def code_hash() -> str:
     here = Path(__file__).parents[1]
-    return atomic.sha256_bytes(b"".join((here / f).read_bytes() for f in CODE_FILES))
+    files = [f for pattern in CODE_FILES for f in sorted(here.glob(pattern))]
+    return atomic.sha256_bytes(b"".join(f.read_bytes() for f in files))
 
 
-NOT_IN_KEY = ("epochs", "image_every", "device", "threads", "distributed")  # change no result
+NOT_IN_KEY = ("epochs", "image_every", "device", "threads", "distributed", "nproc")  # change no result
 
 
 def checkpoint_key(params: Params, data_hash: str, device: torch.device, world_size: int = 1) -> str:
@@ -88,6 +95,7 @@ def checkpoint_key(params: Params, data_hash: str, device: torch.device, world_s
     The world size is in the key because the global batch is `batch_size * world_size`.
     """
     train = {k: v for k, v in asdict(params.train).items() if k not in NOT_IN_KEY}
+    train["precision"] = resolve_precision(params.train.precision, device)  # `auto` differs between machines
     identity = {
         "model": asdict(params.model),
         "train": train,
@@ -152,6 +160,9 @@ def train(params: Params, paths: Paths, logger: RunLogger | None = None) -> dict
     Joins a DDP process group when launched under torchrun or with `train.distributed: true`.
     """
     cfg = params.train
+    if cfg.nproc > 1 and not distributed.launched_by_torchrun():
+        raise ParamsError([f"train.nproc is {cfg.nproc} but this process was not started by torchrun: run it with "
+                           "`python -m vae_mlops train` or `dvc repro`, which launch torchrun, or set train.nproc: 1"])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -220,6 +231,8 @@ def _train(params: Params, paths: Paths, logger: RunLogger | None, device: torch
         )  # fmt: skip
 
     if world.is_main:
+        splits = {"train": (td.x_train, None), "validation": (td.x_val, None)}
+        logger.log_datasets(splits, params.data.dataset, data_hash)
         log.info(
             "training on %s x %d: %d train, %d val images, global batch %d, run key %s",
             device.type, world.world_size, len(td.x_train), len(td.x_val), cfg.batch_size * world.world_size, key,

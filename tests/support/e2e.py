@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT, tiny_raw_params
+from pipeline import dvcrun
+from tests.support.project import ROOT, tiny_raw_params
 
 PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "src", "pipeline"]
 
@@ -33,11 +33,8 @@ def copy_project(dest: Path, **overrides) -> Path:
 
 
 def tool_env(**extra: str) -> dict[str, str]:
-    """The environment a user's shell has after `make setup`: .venv/bin first on PATH."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(extra)
-    return env
+    """The environment a user's shell has after `make setup`: .venv/bin first on PATH, no telemetry."""
+    return dvcrun.tool_env(extra)
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 600):

@@ -1,7 +1,7 @@
 """MLflow stores for tests: a migrated sqlite store copied in a blink, and a real `mlflow server`.
 
-Creating an MLflow sqlite database runs its schema migrations (about ten seconds
-here); every test store is a copy of one migrated once per test session.
+Creating an MLflow sqlite database runs its schema migrations (slow: BENCHMARKS.md);
+every test store is a copy of one migrated once per test session.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import functools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 import requests
+
+from vae_mlops.ports import free_port
 
 
 @functools.cache
@@ -37,12 +38,6 @@ def fresh_store(folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy2(_template(), folder / "mlflow.db")
     return f"sqlite:///{folder / 'mlflow.db'}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

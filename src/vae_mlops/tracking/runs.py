@@ -1,15 +1,9 @@
-"""The one door to MLflow: the store, the pipeline's run, the train logger, logged models, the registry.
-
-Nothing else in the package imports `mlflow`, and this module imports it inside
-its functions, so the download stage and the unit tests never pay for it.
+"""The pipeline's run: provenance tags, the run itself (params, metrics, images, datasets), the train logger.
 
 One pipeline run is one MLflow run. The train stage creates it and writes its id
 to `reports/mlflow_run.json` (a DVC output of train); evaluate and register
 reopen that run, so params, per-epoch curves, test metrics, pictures and the
 logged model sit side by side in the UI's compare view.
-
-The store is `sqlite:///<root>/mlflow.db` with artifacts in `<root>/mlartifacts/`
-unless `MLFLOW_TRACKING_URI` names another one (a tracking server, say).
 """
 
 from __future__ import annotations
@@ -21,16 +15,24 @@ import os
 import subprocess
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
-from urllib.parse import urlparse
 
 from torch import Tensor
 
 from vae_mlops import atomic
 from vae_mlops.params import Params
 from vae_mlops.paths import Paths
+from vae_mlops.precision import resolve_precision
+from vae_mlops.tracking.store import (
+    TrackingError,
+    check_reachable,
+    connect,
+    dvc_experiment,
+    ensure_experiment,
+    mlflow_client,
+    tracking_uri,
+)
 
 if TYPE_CHECKING:
     from vae_mlops.train import EpochStats
@@ -45,6 +47,9 @@ TAG_DATA_HASH = "data.hash"
 TAG_DATA_SHA256 = "data.sha256."  # + file name
 TAG_DEVICE = "device"
 TAG_TORCH = "torch.version"
+TAG_PRECISION = "train.precision"  # what `train.precision` (maybe `auto`) resolved to here: float32 | bf16
+TAG_DVC_EXPERIMENT = "dvc.experiment"  # the DVC experiment's name, under `dvc exp run`
+TAG_DESCRIPTION = "mlflow.note.content"  # the run page's description
 
 # Per-epoch metric key -> EpochStats field; logged with step=epoch.
 EPOCH_METRICS = {
@@ -56,132 +61,10 @@ EPOCH_METRICS = {
     "val/kl": "val_kl",
 }
 
-MODEL_ARTIFACT = "vae"  # the logged model's name inside its run
-REACH_TIMEOUT_S = 5.0  # the reachability check at the start of a stage
-# MLflow's own defaults retry a dead server for about four minutes per call; a
-# pipeline stage would rather learn fast. The user's environment still wins.
-HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-}
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be reached, or lacks the run a stage needs; says what to do."""
-
-
-# ---------------------------------------------------------------- the store
-
-
-def tracking_uri(paths: Paths) -> str:
-    """`MLFLOW_TRACKING_URI`, or the project's own sqlite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db.resolve()}"
-
-
-def local_store_path(uri: str) -> Path | None:
-    """The sqlite file or folder of a store on this machine; None for a server."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///") :].split("?", 1)[0]).resolve()
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return Path(parsed.path).resolve()
-    if parsed.scheme == "" and uri:
-        return Path(uri).resolve()
-    return None
-
-
-def is_server(uri: str) -> bool:
-    return urlparse(uri).scheme in ("http", "https")
-
-
-def check_reachable(uri: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
-    """Raise `TrackingError` within about `timeout_s` when the store cannot be used."""
-    if is_server(uri):
-        import requests
-
-        try:
-            resp = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
-        except requests.RequestException as exc:
-            raise TrackingError(
-                f"the MLflow tracking server at {uri} is unreachable ({type(exc).__name__}: {exc}). "
-                "Nothing was started. Start the server (e.g. `mlflow server --host 127.0.0.1 --port 5000`), "
-                "or unset MLFLOW_TRACKING_URI to use the project's sqlite store, then rerun."
-            ) from None
-        if resp.status_code >= 500:
-            raise TrackingError(
-                f"the MLflow tracking server at {uri} answers HTTP {resp.status_code} on /health. "
-                "Nothing was started. Check the server's log, or unset MLFLOW_TRACKING_URI, then rerun."
-            )
-        return
-    store = local_store_path(uri)
-    if store is not None and not store.parent.is_dir():
-        raise TrackingError(f"the MLflow store {uri} is in a folder that does not exist ({store.parent})")
-
-
-def connect(paths: Paths) -> str:
-    """The store's URI, once MLflow's HTTP retries are bounded and the store answers."""
-    uri = tracking_uri(paths)
-    for var, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(var, value)
-    check_reachable(uri)
-    return uri
-
-
-@contextlib.contextmanager
-def use_store(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (active runs, `models:/` URIs) at `uri` for the block only.
-
-    `mlflow.set_tracking_uri` also writes `MLFLOW_TRACKING_URI` into `os.environ`;
-    restoring both afterwards keeps one stage's store from leaking into the next
-    call or into child processes. The registry lives in the tracking store.
-    """
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
-        for key, value in env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _error_code(exc: BaseException) -> str | None:
-    return getattr(exc, "error_code", None)
-
-
-def _experiment_id(client, name: str, uri: str) -> str:
-    """The experiment's id, created on first use (artifacts beside a sqlite store, not in the cwd)."""
-    from mlflow.exceptions import MlflowException
-
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    store = local_store_path(uri)
-    location = (store.parent / "mlartifacts").as_uri() if uri.startswith("sqlite:") and store else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException as exc:  # another process created it first
-        if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return client.get_experiment_by_name(name).experiment_id
+DATASET_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest
+INPUT_CONTEXT_TAG = "mlflow.data.context"  # what the UI shows as a dataset input's context
+# MLflow's default; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
+SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
 # ---------------------------------------------------------------- provenance
@@ -216,12 +99,32 @@ def run_tags(params: Params, paths: Paths, device: str, manifest: dict) -> dict[
         TAG_DATA_HASH: manifest["data_hash"],
         TAG_DEVICE: device,
         TAG_TORCH: torch.__version__,
+        TAG_PRECISION: resolve_precision(params.train.precision, torch.device(device)),
     }
     tags.update({TAG_DATA_SHA256 + name: sha for name, sha in manifest["files"].items()})
+    experiment = dvc_experiment()
+    if experiment:
+        tags[TAG_DVC_EXPERIMENT] = experiment
+    tags[TAG_DESCRIPTION] = describe(params, experiment, commit, dirty)
     return tags
 
 
+def describe(params: Params, experiment: str | None, commit: str, dirty: str) -> str:
+    """The run page's description (markdown): where the run came from, so the UI answers "which experiment?"."""
+    origin = f"DVC experiment `{experiment}`" if experiment else "`dvc repro` (not a DVC experiment)"
+    edits = " with uncommitted changes" if dirty == "true" else ""
+    return (
+        f"VAE on `{params.data.dataset}`, {run_name_from_params(params)}, trained by {origin} "
+        f"at git commit `{commit}`{edits}."
+    )
+
+
 def run_name(params: Params) -> str:
+    """The DVC experiment's name when there is one (so `dvc exp show` and the UI agree), else the settings."""
+    return dvc_experiment() or run_name_from_params(params)
+
+
+def run_name_from_params(params: Params) -> str:
     """What tells runs apart at a glance in the UI: data, likelihood, sizes, epochs."""
     m = params.model
     return f"{params.data.dataset}-{m.likelihood}-h{m.hidden_dim}-z{m.latent_dim}-e{params.train.epochs}"
@@ -242,7 +145,7 @@ class PipelineRun:
     @property
     def client(self):
         if self._client is None:
-            self._client = _client(self.uri)
+            self._client = mlflow_client(self.uri)
         return self._client
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
@@ -263,7 +166,17 @@ class PipelineRun:
 
     def log_image(self, grid: Tensor, key: str, step: int) -> None:
         """A (C, H, W) grid on [0, 1] as a stepped image: the UI's image view slides through the steps."""
-        self.client.log_image(self.run_id, _hwc_uint8(grid), key=key, step=step, synchronous=True)
+        from vae_mlops.images import to_hwc_uint8  # matplotlib and torchvision load only when a picture is logged
+
+        self.client.log_image(self.run_id, to_hwc_uint8(grid), key=key, step=step, synchronous=True)
+
+    def log_datasets(self, splits: dict[str, tuple[Any, Any]], dataset: str, data_hash: str) -> None:
+        """Each split (context: train, validation, test) as a dataset input of the run: the run page's "Datasets".
+
+        `splits` maps the split to (features, targets or None), numpy arrays or tensors.
+        """
+        inputs = [dataset_input(dataset, split, x, y, data_hash) for split, (x, y) in splits.items()]
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_files(self, files: dict[str, Path], artifact_path: str) -> None:
         for path in files.values():
@@ -275,50 +188,36 @@ class PipelineRun:
     def to_dict(self) -> dict[str, str]:
         return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": self.uri}
 
-    def log_model(self, module, input_example, tags: dict[str, str]) -> str:
-        """`mlflow.pytorch.log_model` with a signature and an input example; returns `models:/<model_id>`.
+    def log_model(self, vae, input_example, tags: dict[str, str], metrics: dict[str, float] | None = None) -> str:
+        """The VAE in the weights-only format (`model_store.log_vae`); returns `models:/<model_id>`."""
+        from vae_mlops import model_store
 
-        The module is pickled with the package's code beside it (`code_paths`), so
-        `mlflow.pyfunc.load_model` works where `vae_mlops` is not installed.
-        """
-        import mlflow
-        import mlflow.pytorch
-
-        import vae_mlops
-
-        with use_store(self.uri), mlflow.start_run(run_id=self.run_id):  # log_model logs into the active run
-            info = mlflow.pytorch.log_model(
-                module,
-                name=MODEL_ARTIFACT,
-                signature=model_signature(),
-                input_example=input_example,
-                serialization_format="pickle",  # the pt2 export would freeze `output` to one value
-                code_paths=[str(Path(vae_mlops.__file__).parent)],
-                pip_requirements=[f"torch=={metadata.version('torch')}", f"cloudpickle=={metadata.version('cloudpickle')}"],
-                tags=tags,
-            )
-        return info.model_uri
+        return model_store.log_vae(self, vae, input_example, tags, metrics)
 
 
-def model_signature():
-    """(N, 784) float32 in; one float32 tensor out, chosen by the inference param `output`."""
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+def dataset_input(dataset: str, split: str, features: Any, targets: Any, data_hash: str):
+    """An MLflow dataset input: name `<dataset>-<split>`, digest = the data hash, context = the split.
 
-    from vae_mlops.pyfunc import DEFAULT_OUTPUT
+    One name per split: MLflow keeps one profile (row count, shapes) per name and digest.
+    The digest column holds 36 characters; the run's `data.hash` tag holds all 64.
+    """
+    import warnings
 
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 784))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
-        params=ParamSchema([ParamSpec("output", "string", DEFAULT_OUTPUT)]),
-    )
+    import mlflow.data
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
+    def as_numpy(a: Any):
+        return a.detach().cpu().numpy() if isinstance(a, Tensor) else a
 
-def _hwc_uint8(grid: Tensor):
-    """(C, H, W) float on [0, 1] -> (H, W, C) uint8 numpy, the form `log_image` takes."""
-    g = grid.detach().float().cpu().mul(255).round().clamp(0, 255).byte()
-    return g.permute(1, 2, 0).numpy() if g.ndim == 3 else g.numpy()
+    with warnings.catch_warnings():  # a relative path is a "local" source in more than one way; MLflow warns
+        warnings.simplefilter("ignore", UserWarning)
+        ds = mlflow.data.from_numpy(
+            as_numpy(features), source=f"data/raw/{dataset}", targets=None if targets is None else as_numpy(targets),
+            name=f"{dataset}-{split}", digest=data_hash[:DATASET_DIGEST_CHARS],
+        )  # fmt: skip
+    d = ds.to_dict()
+    entity = Dataset(d["name"], d["digest"], d["source_type"], d["source"], d.get("schema"), d.get("profile"))
+    return DatasetInput(entity, tags=[InputTag(INPUT_CONTEXT_TAG, split)])
 
 
 def is_logging_rank() -> bool:
@@ -331,8 +230,8 @@ def start_run(params: Params, paths: Paths, device: str, manifest: dict) -> Pipe
     from mlflow.tracking.context.registry import resolve_tags
 
     uri = tracking_uri(paths)
-    client = _client(uri)
-    experiment_id = _experiment_id(client, params.mlflow.experiment, uri)
+    client = mlflow_client(uri)
+    experiment_id = ensure_experiment(client, params.mlflow.experiment, uri)
     tags = resolve_tags({"mlflow.source.name": "vae_mlops train", **run_tags(params, paths, device, manifest)})
     info = client.create_run(experiment_id, run_name=run_name(params), tags=tags).info
     run = PipelineRun(info.run_id, experiment_id, uri, client)
@@ -349,7 +248,7 @@ def resume_run(paths: Paths) -> PipelineRun:
         raise TrackingError(f"{run_file} not found: the train stage writes it; run `dvc repro train` first")
     recorded = json.loads(run_file.read_text())
     uri = connect(paths)
-    client = _client(uri)
+    client = mlflow_client(uri)
     try:
         client.get_run(recorded["run_id"])
     except Exception as exc:  # RESOURCE_DOES_NOT_EXIST, or a store that fails to answer
@@ -368,7 +267,11 @@ def stage_run(paths: Paths) -> Iterator[PipelineRun]:
     A store that stops answering during the stage becomes a `TrackingError` that says to rerun.
     """
     run = resume_run(paths)
-    run.client.update_run(run.run_id, status="RUNNING")
+    try:
+        run.client.update_run(run.run_id, status="RUNNING")
+    except Exception as exc:  # the store died between the check and this first call
+        _raise_if_store_lost(run, exc)
+        raise
     try:
         yield run
     except BaseException as exc:
@@ -421,6 +324,9 @@ class MlflowRunLogger:
         for name, grid in grids.items():
             self._call(f"epoch {step} image {name!r}", self.run.log_image, grid, f"train/{name}", step)
 
+    def log_datasets(self, splits: dict[str, tuple[Any, Any]], dataset: str, data_hash: str) -> None:
+        self._call(f"dataset inputs {', '.join(splits)}", self.run.log_datasets, splits, dataset, data_hash)
+
     def _call(self, what: str, fn, *args) -> None:
         if self.failure is not None:
             return
@@ -454,83 +360,42 @@ def train_run(params: Params, paths: Paths, device: str, manifest: dict) -> Iter
         yield None
         return
     logger = MlflowRunLogger(start_run(params, paths, device, manifest))
+    monitor = start_system_metrics(logger.run)
     try:
         yield logger
     except BaseException:
+        stop_system_metrics(monitor, last_sample=logger.failure is None)
         if logger.failure is None:
             with contextlib.suppress(Exception):
                 logger.run.end("FAILED")
         raise
+    stop_system_metrics(monitor, last_sample=logger.failure is None)  # a lost store gets no more calls
     logger.finish(paths)
 
 
-# ---------------------------------------------------------------- the Model Registry
+def start_system_metrics(run: PipelineRun):
+    """MLflow's system metrics monitor (CPU, memory, disk, network, GPU) on the run while training; None if it fails."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """A registered model version, as plain data."""
-
-    version: str
-    run_id: str
-    tags: dict[str, str]
-
-
-class ModelRegistry:
-    """The registry's calls for one registered model: versions, aliases, tags, loading."""
-
-    def __init__(self, name: str, uri: str) -> None:
-        self.name = name
-        self.uri = uri
-        self.client = _client(uri)
-
-    def aliases(self) -> dict[str, str]:
-        """alias -> version; empty while the model has no version."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            model = self.client.get_registered_model(self.name)
-        except MlflowException as exc:
-            if _error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
-                return {}
-            raise
-        return {alias: str(version) for alias, version in (model.aliases or {}).items()}
-
-    def version(self, version: str) -> VersionInfo:
-        mv = self.client.get_model_version(self.name, version)
-        return VersionInfo(str(mv.version), mv.run_id, dict(mv.tags))
-
-    def versions(self) -> list[VersionInfo]:
-        found = self.client.search_model_versions(f"name = '{self.name}'")
-        return sorted((VersionInfo(str(mv.version), mv.run_id, dict(mv.tags)) for mv in found), key=lambda v: int(v.version))
-
-    def find(self, run_id: str, tag: str, value: str) -> VersionInfo | None:
-        """The version registered from `run_id` whose `tag` equals `value`, if any."""
-        found = self.client.search_model_versions(f"name = '{self.name}' and run_id = '{run_id}'")
-        for mv in found:
-            if mv.tags.get(tag) == value:
-                return VersionInfo(str(mv.version), mv.run_id, dict(mv.tags))
+    try:
+        monitor = SystemMetricsMonitor(run.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=run.uri)
+        monitor.start()
+    except Exception as exc:  # figures about the machine are worth no failed training
+        log.warning("system metrics are not logged: %s: %s", type(exc).__name__, exc)
         return None
+    return monitor
 
-    def create_version(self, model_uri: str, run_id: str, tags: dict[str, str]) -> VersionInfo:
-        import mlflow
 
-        with use_store(self.uri):
-            mv = mlflow.register_model(model_uri, self.name, tags=tags)
-        return VersionInfo(str(mv.version), mv.run_id or run_id, dict(tags))
-
-    def set_alias(self, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(self.name, alias, version)
-
-    def set_tags(self, version: str, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_model_version_tag(self.name, version, key, value)
-
-    def load_vae(self, version: str):
-        """The VAE inside a registered version (for re-scoring a champion on new test data)."""
-        import mlflow
-        import mlflow.pytorch
-
-        with use_store(self.uri):
-            module = mlflow.pytorch.load_model(f"models:/{self.name}/{version}", map_location="cpu")
-        return getattr(module, "vae", module)
+def stop_system_metrics(monitor, last_sample: bool = True) -> None:
+    """Stop the monitor and log a last sample, so a run shorter than the sampling interval has one too."""
+    if monitor is None:
+        return
+    try:
+        monitor.finish()
+        if not last_sample:
+            return
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as exc:
+        log.warning("the last system metrics sample was not logged: %s: %s", type(exc).__name__, exc)

@@ -1,4 +1,4 @@
-"""`python -m vae_mlops.bench`: the training loop against the PyTorch example's, and both against the FLOP bound.
+"""`make bench`: the training loop against the PyTorch example's, and both against the FLOP bound.
 
 Every row trains the PyTorch example's setting (784-400-20, bernoulli, batch 128,
 Adam 1e-3) from the same initial weights and seed, on the same training images
@@ -7,13 +7,16 @@ Adam 1e-3) from the same initial weights and seed, on the same training images
 - `baseline`: pytorch/examples `vae/main.py` as written: torchvision `MNIST` +
   `ToTensor` + `DataLoader(shuffle=True)`, its model and loss, autograd, `optim.Adam`.
 - `project*`: `train.train_epoch` (data on the device, one gather per epoch, fused
-  Adam) with the fused float32 step (the default), with autograd, and under bf16.
+  Adam) with autograd, under bf16 autocast, with the fused float32 step, and (`project`,
+  last) with params.yaml's defaults: `train.precision: auto`, the fused bf16 step where the
+  CPU or GPU has native bf16 (see `vae_mlops.precision`), the fused float32 step elsewhere.
 
 An epoch's time is the training pass only (shuffle, batches, steps; no validation),
 and a row's s/epoch is the median over epochs 2..N (epoch 1 pays warm-up and CUDA
 graph capture). The rows take their epochs in turn, so that another process's burst
 on a shared machine slows every row alike. The bound is the epoch's matmul FLOPs at
-this machine's measured matmul rate. Writes `reports/bench.json` and prints one table.
+this machine's measured matmul rate, in the row's precision. Writes `reports/bench.json`
+(with the CPU's flags) and prints one table.
 """
 
 from __future__ import annotations
@@ -37,26 +40,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vae_mlops import atomic, data, metrics
-from vae_mlops.atomic import WriteError
-from vae_mlops.data import DataError
+from vae_mlops import atomic, cli_args, data, metrics
 from vae_mlops.datasets import get_dataset
 from vae_mlops.distributed import Single
+from vae_mlops.errors import VaeMlopsError
 from vae_mlops.model import VAE
-from vae_mlops.params import EvaluateParams, Params, ParamsError, load_params, parse_set_args
+from vae_mlops.params import EvaluateParams, Params, load_params
 from vae_mlops.paths import Paths
+from vae_mlops.precision import cpu_flags, native_bf16, resolve_precision
+from vae_mlops.step import ELBOSums, build_stepper
 from vae_mlops.train import (
-    DeviceError,
-    ELBOSums,
     TrainingDiverged,
-    build_stepper,
     resolve_device,
     split_train_val,
     to_unit_float,
     train_epoch,
 )
 
-log = logging.getLogger("vae_mlops.bench")
+log = logging.getLogger("benchmarks.train_speed")
 
 # pytorch/examples vae/main.py; applied before the command line's -S, so params.yaml cannot drift from it
 EXAMPLE = {
@@ -67,7 +68,15 @@ EXAMPLE = {
     "train.lr": 1e-3,
     "train.beta": 1.0,
 }
-TARGETS = {"speedup_min": 2.5, "test_loss_gap_max": 0.5, "project_s_per_epoch_max": 1.5, "iwae1000_s_max": 60.0}
+TARGETS = {  # issue 13, on the 2-core CI-like machine
+    "speedup_min": 4.0,  # over the PyTorch example's own training loop
+    "test_loss_gap_max": 0.5,  # the default against the example
+    "precision_gap_max": 0.3,  # the default against the fused float32 step (issue 13: after 10 epochs)
+    "project_s_per_epoch_max": 0.7,
+    "overhead_ms_per_step_max": 0.5,  # (s/epoch - matmul bound) / steps
+    "iwae1000_s_max": 40.0,
+    "iwae_bf16_gap_max": 0.1,  # nats: bf16 decoding against float32's estimate, same seed
+}
 EVAL_CHUNK = 1000  # test images per forward pass of the test loss
 
 
@@ -219,7 +228,7 @@ class ProjectRun:
 
         self.state = build_state(params, device)
         self.cfg, self.x_train, self.epochs = params.train, x_train, epochs
-        self.stepper = build_stepper(self.state, self.cfg, Single())
+        self.stepper = build_stepper(self.state.model, self.state.optimizer, self.cfg, Single())
 
     def epoch(self) -> None:
         s = self.state
@@ -287,6 +296,8 @@ def machine(device: torch.device) -> dict:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": cpu_flags(),
+        "native_bf16": native_bf16(device),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "torch": torch.__version__,
@@ -354,20 +365,25 @@ def _caption(result: dict) -> str:
         f"target speedup >= {t['speedup_min']} at the same test loss (within {t['test_loss_gap_max']} nats): "
         f"{result['speedup']:.2f}, gap {result['test_loss_gap']:+.2f} {mark[met['speedup']]}",
         f"target project <= {t['project_s_per_epoch_max']} s/epoch: {result['project_s_per_epoch']:.2f} "
-        f"{mark[met['project_s_per_epoch']]}",
+        f"({result['project_precision']}) {mark[met['project_s_per_epoch']]}",
+        f"target overhead <= {t['overhead_ms_per_step_max']} ms/step: {result['project_overhead_ms_per_step']:.2f} "
+        f"{mark[met['overhead_ms_per_step']]}",
+        f"target default within {t['precision_gap_max']} nats of fused float32's test loss: "
+        f"{result['precision_test_loss_gap']:+.2f} {mark[met['precision_gap']]}",
         f"target IWAE k=1000 on 10,000 images <= {t['iwae1000_s_max']} s: k={result['iwae_k']} on "
-        f"{result['iwae_images']} images {result['iwae1000_s']:.1f} s (bound {result['iwae_bound_s']:.1f} s) "
-        f"{mark[met['iwae1000_s']]}",
+        f"{result['iwae_images']} images {result['iwae1000_s']:.1f} s (bound {result['iwae_bound_s']:.1f} s); "
+        f"bf16 decoding {result['iwae1000_bf16_s']:.1f} s, {result['iwae_bf16_gap']:+.3f} nats "
+        f"(serves within {t['iwae_bf16_gap_max']}) {mark[met['iwae1000_s']]}",
     ])  # fmt: skip
 
 
 # ---------------------------------------------------------------- the whole benchmark
 
 BASELINE = "pytorch/examples vae: DataLoader + ToTensor, autograd, Adam"
-VARIANTS = (  # name, what, precision, train params changed; `project` last: the defaults
-    ("project-autograd", "train_epoch, train.fused: false", "float32", {"fused": False}),
-    ("project-bf16", "train_epoch, train.precision: bf16 (autocast)", "bf16", {"precision": "bf16"}),
-    ("project", "train_epoch, fused float32 step (the defaults)", "float32", {"fused": True, "precision": "float32"}),
+VARIANTS = (  # name, what, precision, train params changed; `project` (the defaults) follows them
+    ("project-autograd", "train_epoch, autograd (fused: false)", "float32", {"fused": False, "precision": "float32"}),
+    ("project-bf16-autocast", "train_epoch, autograd, bf16 autocast", "bf16", {"fused": False, "precision": "bf16"}),
+    ("project-float32", "train_epoch, fused float32 step", "float32", {"fused": True, "precision": "float32"}),
 )
 
 
@@ -403,6 +419,9 @@ def train_rows(params: Params, bd: BenchData, device: torch.device, epochs: int)
         runs = [("baseline", BASELINE, "float32", BaselineRun(params, loader, device))]
         for name, what, precision, changes in VARIANTS:
             runs.append((name, what, precision, ProjectRun(with_train(params, **changes), bd.x_train, device, epochs)))
+        chosen = resolve_precision(params.train.precision, device)
+        what = f"train_epoch, the defaults (train.precision: {params.train.precision} -> {chosen})"
+        runs.append(("project", what, chosen, ProjectRun(params, bd.x_train, device, epochs)))
         torch.manual_seed(params.train.seed)  # as the example does; nothing else draws from the global RNG
         times: dict[str, list[float]] = {name: [] for name, *_ in runs}
         for epoch in range(1, epochs + 1):
@@ -414,11 +433,13 @@ def train_rows(params: Params, bd: BenchData, device: torch.device, epochs: int)
     return rows, runs[-1][3].trained()
 
 
-def time_iwae(model: VAE, x_test: Tensor, k: int, cfg: EvaluateParams) -> tuple[float, float]:
-    """Seconds and mean IWAE -log p(x) of `metrics.iwae_bound`, what the evaluate stage runs."""
+def time_iwae(
+    model: VAE, x_test: Tensor, k: int, cfg: EvaluateParams, mm_dtype: torch.dtype | None = None
+) -> tuple[float, float]:
+    """Seconds and mean IWAE -log p(x) of `metrics.iwae_bound`, what the evaluate stage runs (float32 decoding)."""
     sync(x_test.device)
     t0 = time.perf_counter()
-    nll = -metrics.iwae_bound(model, x_test, k, cfg.batch_size, cfg.seed).mean().item()
+    nll = -metrics.iwae_bound(model, x_test, k, cfg.batch_size, cfg.seed, mm_dtype).mean().item()
     sync(x_test.device)
     return time.perf_counter() - t0, nll
 
@@ -440,8 +461,14 @@ def summarise(rows: list[Row], model: VAE, gflops: dict[str, float], n: int, bat
     bounds = {"float32": flops / gflops["float32"] / 1e9, "bf16": flops / gflops["bf16"] / 1e9}
     table = report(rows, n, steps, bounds)
     baseline, project = table[0], table[-1]
+    float32 = next(r for r in table if r["name"] == "project-float32")
     return {
         "project_s_per_epoch": project["s_per_epoch"],
+        "project_precision": project["precision"],
+        "project_bound_s_per_epoch": project["bound_s_per_epoch"],
+        "project_overhead_ms_per_step": project["overhead_ms_per_step"],
+        "float32_test_loss": float32["test_loss"],
+        "precision_test_loss_gap": project["test_loss"] - float32["test_loss"],
         "baseline_s_per_epoch": baseline["s_per_epoch"],
         "speedup": baseline["s_per_epoch"] / project["s_per_epoch"],
         "bound_s_per_epoch": bounds["float32"],
@@ -461,11 +488,15 @@ def summarise(rows: list[Row], model: VAE, gflops: dict[str, float], n: int, bat
 
 
 def targets_met(result: dict) -> dict[str, bool]:
+    bf16_ok = abs(result["iwae_bf16_gap"]) <= TARGETS["iwae_bf16_gap_max"]  # bf16 decoding counts only if it serves
+    bf16_iwae = result["iwae1000_bf16_s"] if bf16_ok else math.inf
     same_loss = abs(result["test_loss_gap"]) <= TARGETS["test_loss_gap_max"]
     return {
         "speedup": result["speedup"] >= TARGETS["speedup_min"] and same_loss,
         "project_s_per_epoch": result["project_s_per_epoch"] <= TARGETS["project_s_per_epoch_max"],
-        "iwae1000_s": result["iwae1000_s"] <= TARGETS["iwae1000_s_max"],
+        "overhead_ms_per_step": result["project_overhead_ms_per_step"] <= TARGETS["overhead_ms_per_step_max"],
+        "precision_gap": abs(result["precision_test_loss_gap"]) <= TARGETS["precision_gap_max"],
+        "iwae1000_s": min(result["iwae1000_s"], bf16_iwae) <= TARGETS["iwae1000_s_max"],
     }
 
 
@@ -479,6 +510,7 @@ def bench(
     bd = load_bench_data(params, paths, device, limit)
     rows, model = train_rows(params, bd, device, epochs)
     iwae_s, nll = time_iwae(model, bd.x_test, iwae_k, params.evaluate)
+    iwae_bf16_s, nll_bf16 = time_iwae(model, bd.x_test, iwae_k, params.evaluate, torch.bfloat16)  # same seed
     gflops = measure_rates(model, params.train.batch_size, device, matmul_size, min_s)
     result = summarise(rows, model, gflops, len(bd.x_train), params.train.batch_size)
     cfg = model.config
@@ -489,6 +521,9 @@ def bench(
         "iwae_k": iwae_k,
         "iwae_images": len(bd.x_test),
         "iwae_nll": nll,
+        "iwae1000_bf16_s": iwae_bf16_s,
+        "iwae_bf16_nll": nll_bf16,
+        "iwae_bf16_gap": nll_bf16 - nll,
         "epochs": epochs,
         "timing": "median of epochs 2..N" if epochs > 1 else "epoch 1 (only one)",
         "test_images": len(bd.x_test),
@@ -501,7 +536,7 @@ def bench(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vae_mlops.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=3, help="epochs per row (default 3)")
     p.add_argument("--iwae-k", type=int, default=1000, help="IWAE samples per test image (default 1000)")
     p.add_argument("--limit", type=int, default=None, help="use at most N training and N test images")
@@ -509,10 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: train.threads; 0: torch's)")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmuls that measure the peak")
     p.add_argument("--min-seconds", type=float, default=1.0, help="time each matmul rate for at least this long")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"))
-    p.add_argument("--root", type=Path, default=Path("."), help="project root (default .)")
-    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
-    return p
+    return cli_args.add_common_args(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -520,14 +552,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     paths = Paths(args.root)
     try:
-        overrides = {**EXAMPLE, **parse_set_args(args.set), **({"train.device": args.device} if args.device else {})}
+        overrides = {**EXAMPLE, **cli_args.overrides(args), **({"train.device": args.device} if args.device else {})}
         params = load_params(args.params, overrides)
         threads = params.train.threads if args.threads is None else args.threads
         if threads:
             torch.set_num_threads(threads)
         result = bench(params, paths, args.epochs, args.iwae_k, args.limit, args.matmul_size, args.min_seconds)
         atomic.write_json(paths.bench_file, result)
-    except (ParamsError, DataError, DeviceError, TrainingDiverged, WriteError) as exc:
+    except VaeMlopsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_table(result)
