@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import psycopg
@@ -292,24 +293,10 @@ def _start_repro(repo: Path, env: dict[str, str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _wait_for_epoch(stack: Stack, repo: Path, proc: subprocess.Popen, timeout_s: float = 300) -> str:
-    """The run id once the new run has its first epoch logged."""
-    run_file = repo / "reports" / "mlflow_run.json"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        if run_file.exists():
-            run_id = json.loads(run_file.read_text())["run_id"]
-            if stack.metric_steps(run_id, "train/loss"):
-                return run_id
-        time.sleep(0.2)
-    raise AssertionError("no epoch was logged")
-
-
-def test_mlflow_server_killed_mid_training_then_restarted_the_rerun_completes(stack, pipeline_run, tmp_path):
-    _, env, _, _ = pipeline_run
-    runs_before = {r["info"]["run_id"] for r in stack.runs()}
-    repo = copy_project(tmp_path / "repo", **KILL_PARAMS)
+def _kill_mid_training(
+    stack: Stack, repo: Path, env: dict[str, str], runs_before: set[str], kill: Callable[[], None]
+) -> tuple[int, str]:
+    """Start `dvc repro`, call `kill` once a new run has an epoch logged; the run's exit code and output."""
     proc = _start_repro(repo, env)
     try:
         # the train stage writes mlflow_run.json only at its end: find the run through the server
@@ -318,12 +305,20 @@ def test_mlflow_server_killed_mid_training_then_restarted_the_rerun_completes(st
                       if r["info"]["run_id"] not in runs_before):  # fmt: skip
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
             time.sleep(0.2)
-        os.killpg(stack.pid("mlflow"), signal.SIGKILL)
+        kill()
         out, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0 and "error: lost the MLflow tracking store" in out and "Traceback" not in out, out
+    return proc.returncode, out
+
+
+def test_mlflow_server_killed_mid_training_then_restarted_the_rerun_completes(stack, pipeline_run, tmp_path):
+    _, env, _, _ = pipeline_run
+    runs_before = {r["info"]["run_id"] for r in stack.runs()}
+    repo = copy_project(tmp_path / "repo", **KILL_PARAMS)
+    rc, out = _kill_mid_training(stack, repo, env, runs_before, lambda: os.killpg(stack.pid("mlflow"), signal.SIGKILL))
+    assert rc != 0 and "error: lost the MLflow tracking store" in out and "Traceback" not in out, out
 
     stack.start()  # restarts the MLflow server only
     dvc("repro", cwd=repo, env=env)
@@ -341,19 +336,8 @@ def test_postgres_killed_mid_run_is_a_clear_error_and_after_a_restart_the_rerun_
     _, env, _, _ = pipeline_run
     runs_before = {r["info"]["run_id"] for r in stack.runs()}
     repo = copy_project(tmp_path / "repo", **KILL_PARAMS)
-    proc = _start_repro(repo, env)
-    try:
-        deadline = time.monotonic() + 300
-        while not any(stack.metric_steps(r["info"]["run_id"], "train/loss") for r in stack.runs()
-                      if r["info"]["run_id"] not in runs_before):  # fmt: skip
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.2)
-        os.kill(stack.pid("postgres"), signal.SIGKILL)
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0 and "Traceback" not in out, out
+    rc, out = _kill_mid_training(stack, repo, env, runs_before, lambda: os.kill(stack.pid("postgres"), signal.SIGKILL))
+    assert rc != 0 and "Traceback" not in out, out
     assert "error: lost the MLflow tracking store" in out and "rerun `dvc repro`" in out, out
 
     stack.start()  # restarts PostgreSQL; MLflow and Prefect reconnect
