@@ -6,15 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-import requests
 
 from tests.support.project import ROOT
 from tests.support.mlflow_store import fresh_store
+from tests.support.servers import wait_until_answers
 from vae_mlops.ports import free_port
 
 from pipeline import serve
@@ -31,19 +30,6 @@ def listening_addresses(port: int) -> set[str]:
         for c in psutil.net_connections(kind="inet")
         if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
     }
-
-
-def wait_until_answers(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"exited {proc.returncode}: {log.read_text(errors='replace')[-2000:]}"
-        try:
-            if requests.get(url, timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} did not answer in {timeout_s}s: {log.read_text(errors='replace')[-2000:]}")
 
 
 def stop_group(proc: subprocess.Popen) -> None:

@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from tests.support.e2e import tool_env
 from tests.support.mlflow_store import fresh_store, free_port
 from tests.support.planted import plant_pickle
+from tests.support.servers import wait_until_answers
 from vae_mlops import pyfunc, registry, tracking
 from vae_mlops.model import VAE, VAEConfig, elbo
 from vae_mlops.params import RegisterParams
@@ -167,17 +168,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
     proc = _start(cmd, env, folder / "serve.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (folder / "serve.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError(f"no answer in 240 s: {(folder / 'serve.log').read_text()[-3000:]}")
+        wait_until_answers(f"{url}/ping", proc, folder / "serve.log", timeout_s=240)
         yield Served(url, uri, run, {"1": first.model}, folder / "serve.log")
     finally:
         _stop(proc)
