@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from tests.support.e2e import copy_project, dvc, run, tool_env
-from tests.support.mlflow_store import as_dict, free_port
+from tests.support.mlflow_store import MlflowRestReads, free_port
 from tests.support.project import ROOT
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ KILL_PARAMS = {"train.epochs": KILL_EPOCHS, "train.image_every": 10}
 MODEL = "vae-mnist"
 
 
-class Stack:
+class Stack(MlflowRestReads):
     """The running services as a client sees them: their exports, REST APIs and database."""
 
     def __init__(self, folder: Path, env: dict[str, str]) -> None:
@@ -83,6 +83,8 @@ class Stack:
         resp.raise_for_status()
         return resp.json()
 
+    api = mlflow  # what MlflowRestReads calls
+
     def runs(self) -> list[dict]:
         """Every run of the pipeline's experiment, oldest first; none before the first run created it."""
         url = f"{self.exports['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/get-by-name"
@@ -91,23 +93,10 @@ class Stack:
             return []
         resp.raise_for_status()
         exp = resp.json()["experiment"]
-        found = self.mlflow("POST", "runs/search", json={"experiment_ids": [exp["experiment_id"]]}).get("runs", [])
-        for r in found:
-            r["data"]["params"] = as_dict(r["data"].get("params", []))
-            r["data"]["tags"] = as_dict(r["data"].get("tags", []))
-            r["data"]["metrics"] = {m["key"]: m["value"] for m in r["data"].get("metrics", [])}
-        return sorted(found, key=lambda r: r["info"]["start_time"])
+        return self.runs_of(exp["experiment_id"])
 
     def run(self, run_id: str) -> dict:
         return next(r for r in self.runs() if r["info"]["run_id"] == run_id)
-
-    def metric_steps(self, run_id: str, key: str) -> list[int]:
-        history = self.mlflow("GET", "metrics/get-history", params={"run_id": run_id, "metric_key": key})
-        return sorted(m["step"] for m in history.get("metrics", []))
-
-    def artifacts(self, run_id: str, path: str = "") -> list[str]:
-        listing = self.mlflow("GET", "artifacts/list", params={"run_id": run_id, "path": path})
-        return [f["path"] for f in listing.get("files", [])]
 
     def champion(self) -> dict:
         return self.mlflow("GET", "registered-models/alias", params={"name": MODEL, "alias": "champion"})[

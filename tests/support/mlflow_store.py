@@ -40,7 +40,32 @@ def fresh_store(folder: Path) -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
-class MlflowServer:
+class MlflowRestReads:
+    """Reads through a tracking server's REST API, no MLflow client; `api(method, endpoint, **kw)` makes the call."""
+
+    def api(self, method: str, endpoint: str, **kwargs) -> dict:
+        raise NotImplementedError
+
+    def runs_of(self, experiment_id: str) -> list[dict]:
+        """Every run of the experiment, oldest first; params and tags as dicts, metrics as key -> latest value."""
+        found = self.api("POST", "runs/search", json={"experiment_ids": [experiment_id]}).get("runs", [])
+        for run in found:
+            data = run.setdefault("data", {})
+            for kind in ("params", "tags"):
+                data[kind] = as_dict(data.get(kind, []))
+            data["metrics"] = {m["key"]: m["value"] for m in data.get("metrics", [])}
+        return sorted(found, key=lambda r: r["info"]["start_time"])
+
+    def metric_steps(self, run_id: str, key: str) -> list[int]:
+        history = self.api("GET", "metrics/get-history", params={"run_id": run_id, "metric_key": key})
+        return sorted(m["step"] for m in history.get("metrics", []))
+
+    def artifacts(self, run_id: str, path: str = "") -> list[str]:
+        listing = self.api("GET", "artifacts/list", params={"run_id": run_id, "path": path})
+        return [f["path"] for f in listing.get("files", [])]
+
+
+class MlflowServer(MlflowRestReads):
     """`mlflow server` on 127.0.0.1 in a subprocess, over a sqlite store that outlives restarts."""
 
     def __init__(self, folder: Path, port: int | None = None) -> None:
@@ -98,21 +123,7 @@ class MlflowServer:
     def runs(self, experiment: str) -> list[dict]:
         """Every run of the experiment named `experiment`, oldest first; params and tags as dicts."""
         exp = self.api("GET", "experiments/get-by-name", params={"experiment_name": experiment})["experiment"]
-        found = self.api("POST", "runs/search", json={"experiment_ids": [exp["experiment_id"]]}).get("runs", [])
-        for run in found:
-            data = run.setdefault("data", {})
-            for kind in ("params", "tags"):
-                data[kind] = as_dict(data.get(kind, []))
-            data["metrics"] = {m["key"]: m["value"] for m in data.get("metrics", [])}
-        return sorted(found, key=lambda r: r["info"]["start_time"])
-
-    def metric_steps(self, run_id: str, key: str) -> list[int]:
-        history = self.api("GET", "metrics/get-history", params={"run_id": run_id, "metric_key": key})
-        return sorted(m["step"] for m in history.get("metrics", []))
-
-    def artifacts(self, run_id: str, path: str = "") -> list[str]:
-        listing = self.api("GET", "artifacts/list", params={"run_id": run_id, "path": path})
-        return [f["path"] for f in listing.get("files", [])]
+        return self.runs_of(exp["experiment_id"])
 
     def model_version(self, name: str, alias: str) -> dict:
         mv = self.api("GET", "registered-models/alias", params={"name": name, "alias": alias})["model_version"]
