@@ -6,6 +6,8 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(abspath .prefect)
+# pytest-xdist: one worker per core, each test file on one worker (its module fixtures built once)
+TEST_WORKERS ?= auto
 PYTEST_ARGS ?=
 NPROC ?= 2
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -32,7 +34,7 @@ pipeline: setup ## run download -> train -> evaluate -> register with `dvc repro
 	dvc repro
 
 test: setup ## run the whole test suite (slow end-to-end tests included)
-	pytest $(PYTEST_ARGS)
+	pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: setup ## measure training speed against a DataLoader baseline; writes reports/bench.json
 	python -m benchmarks.train_speed

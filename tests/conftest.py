@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 
@@ -13,6 +14,16 @@ from tests.support.synthetic import make_dataset, register
 # No test may reach outside this machine.
 os.environ["VAE_OFFLINE"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with the most slow (end-to-end) tests first, each file's own order kept.
+
+    `make test` hands whole files to its xdist workers in this order: a long file handed out
+    last would run alone while the other workers sit idle.
+    """
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 @pytest.fixture(scope="session")

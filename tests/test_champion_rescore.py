@@ -19,7 +19,6 @@ import torch
 import yaml
 
 from tests.support.e2e import copy_project, dvc, tool_env
-from tests.support.mlflow_store import fresh_store
 from tests.support.synthetic import NAMES, digits, idx_bytes
 from vae_mlops import checkpoint, metrics
 from vae_mlops.params import parse_params
@@ -47,7 +46,6 @@ def new_test_split(tiny_mirror: Path, folder: Path) -> Path:
 
 def test_a_champion_on_other_test_data_is_rescored_by_the_register_stage(tiny_mirror, tmp_path, monkeypatch):
     repo = copy_project(tmp_path / "repo", **{"train.epochs": 1})
-    fresh_store(repo)
     dvc("repro", cwd=repo, env=tool_env(VAE_DATA_MIRROR=str(tiny_mirror)))
     first = json.loads((repo / "reports" / "registration.json").read_text())
     assert first["alias"] == "champion"

@@ -217,7 +217,6 @@ def test_register_writes_the_report_against_the_champion_and_compare_makes_one_f
     monkeypatch.setenv("VAE_DATA_MIRROR", f"file://{data_env}")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     repo = copy_project(tmp_path / "repo", **{"train.epochs": 2})
-    fresh_store(repo)
     reports = repo / "reports"
 
     dvc("repro", cwd=repo)  # the first version: no champion yet

@@ -59,7 +59,6 @@ def ddp_project(dest: Path, reference: Path) -> Path:
 def reference(tiny_mirror, tmp_path_factory) -> tuple[Path, str]:
     """`make train-ddp NPROC=2` in a fresh git + DVC project, uninterrupted; its root and output."""
     root = copy_project(tmp_path_factory.mktemp("ddp") / "reference", **DDP)
-    fresh_store(root)  # the default store, ./mlflow.db, already migrated
     venv = Path(sys.executable).parents[1]
     make = ["make", "-f", str(ROOT / "Makefile"), "-o", "setup", "train-ddp", "NPROC=2", f"VENV={venv}"]
     proc = subprocess.run(make, cwd=root, env=env(tiny_mirror), capture_output=True, text=True, timeout=300)

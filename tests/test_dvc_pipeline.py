@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from tests.support.e2e import copy_project, dvc
-from tests.support.mlflow_store import fresh_store
 from vae_mlops import tracking
 from vae_mlops.metrics import METRIC_KEYS
 
@@ -22,7 +21,6 @@ def repo(data_env, tmp_path, monkeypatch):
     monkeypatch.setenv("VAE_DATA_MIRROR", f"file://{data_env}")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own sqlite store
     repo = copy_project(tmp_path / "repo", **{"train.epochs": 1})
-    fresh_store(repo)  # an already-migrated mlflow.db: saves MLflow's schema migrations on each run
     return repo
 
 

@@ -10,7 +10,6 @@ import pytest
 
 from pipeline import sweep
 from tests.support.e2e import copy_project, dvc, run, tool_env
-from tests.support.mlflow_store import fresh_store
 from vae_mlops import registry, tracking
 from vae_mlops.params import ParamsError
 from vae_mlops.paths import Paths
@@ -76,7 +75,6 @@ def _experiments(show: list) -> dict[str, dict]:
 def workspace(data_env, tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the workspace's own sqlite store
     repo = copy_project(tmp_path / "workspace", **{"train.epochs": 1})
-    fresh_store(repo)
     return repo
 
 

@@ -1,7 +1,9 @@
 """`python -m vae_mlops <stage>`: what `dvc.yaml` runs. A thin adapter over `stages`.
 
 Known faults (bad params, bad data, no GPU, divergence, a bad checkpoint) end
-with one clear message on stderr and exit code 2, never a traceback.
+with one clear message on stderr and exit code 2, never a traceback. Each command
+imports only what it runs: a stage process then pays for its own libraries alone
+(the download stage needs neither MLflow nor scikit-learn, training not the report).
 """
 
 from __future__ import annotations
@@ -13,23 +15,26 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-
-from vae_mlops import compare, data, distributed, registry, stages, tracking
 from vae_mlops.cli_args import common_parser
 from vae_mlops.errors import VaeMlopsError
 from vae_mlops.params import load_params, parse_set_args
 from vae_mlops.paths import Paths
-from vae_mlops.train import resolve_device
 
 log = logging.getLogger("vae_mlops")
 
 
 def _cmd_download(args: argparse.Namespace) -> dict:
+    from vae_mlops.stages.download import download
+
     params = load_params(args.params, parse_set_args(args.set))
-    return stages.download(params.data, Paths(args.root))
+    return download(params.data, Paths(args.root))
 
 
 def _cmd_train(args: argparse.Namespace) -> dict:
+    from vae_mlops import data, distributed, tracking
+    from vae_mlops.stages.train import train
+    from vae_mlops.train import resolve_device
+
     params = load_params(args.params, parse_set_args(args.set))
     if params.train.nproc > 1 and not distributed.launched_by_torchrun():
         argv = ["train", "--params", str(args.params), "--root", str(args.root)]
@@ -40,21 +45,27 @@ def _cmd_train(args: argparse.Namespace) -> dict:
     device = resolve_device(params.train.device)
     manifest = data.read_manifest(paths.raw_dir(params.data.dataset))
     with tracking.train_run(params, paths, str(device), manifest) as logger:
-        return stages.train(params, paths, logger)
+        return train(params, paths, logger)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict:
+    from vae_mlops import tracking
+    from vae_mlops.stages.evaluate import evaluate
+
     params = load_params(args.params, parse_set_args(args.set))
     paths = Paths(args.root)
     with tracking.stage_run(paths) as run:
-        return stages.evaluate(params, paths, run)
+        return evaluate(params, paths, run)
 
 
 def _cmd_register(args: argparse.Namespace) -> dict:
+    from vae_mlops import tracking
+    from vae_mlops.stages.register import register
+
     params = load_params(args.params, parse_set_args(args.set))
     paths = Paths(args.root)
     with tracking.stage_run(paths) as run:
-        result = stages.register(params, paths, run)
+        result = register(params, paths, run)
     print(f"{result['model_name']} v{result['version']} -> {result['alias']}: {result['reason']}", file=sys.stderr)
     return result
 
@@ -62,6 +73,8 @@ def _cmd_register(args: argparse.Namespace) -> dict:
 def _cmd_registry(args: argparse.Namespace) -> None:
     """`registry history`: the promotion log as a table (this repo's log, or every version's tag)."""
     from rich.console import Console
+
+    from vae_mlops import registry, tracking
 
     paths = Paths(args.root)
     if args.registry:
@@ -79,6 +92,8 @@ def _cmd_registry(args: argparse.Namespace) -> None:
 
 def _cmd_compare(args: argparse.Namespace) -> dict:
     """`compare A B`: the comparison report of two runs (A the baseline, B the candidate); docs in compare.py."""
+    from vae_mlops import compare, tracking
+
     params = load_params(args.params, parse_set_args(args.set))
     paths = Paths(args.root)
     out_dir = args.out if args.out is not None else paths.reports_dir

@@ -10,13 +10,19 @@ from pathlib import Path
 import yaml
 
 from pipeline import dvcrun
+from tests.support.mlflow_store import fresh_store
 from tests.support.project import ROOT, tiny_raw_params
 
 PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "src", "pipeline"]
 
 
-def copy_project(dest: Path, **overrides) -> Path:
-    """A fresh git + DVC repo holding the project's pipeline files and tiny params."""
+def copy_project(dest: Path, store: bool = True, **overrides) -> Path:
+    """A fresh git + DVC repo holding the project's pipeline files and tiny params.
+
+    `store` puts an empty, already-migrated `mlflow.db` in it (gitignored, as in a user's
+    checkout after the first run): a new sqlite store spends seconds in MLflow's schema
+    migrations, once per project. `store=False` leaves that to the first stage that logs.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         src = ROOT / name
@@ -29,6 +35,8 @@ def copy_project(dest: Path, **overrides) -> Path:
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=dest, check=True)
+    if store:
+        fresh_store(dest)
     return dest
 
 
