@@ -305,6 +305,8 @@ def machine(device: torch.device) -> dict:
         "python": platform.python_version(),
         "device": str(device),
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # OpenMP's idle threads spin unless PASSIVE: on a busy 2-core machine that multiplies step times
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -399,9 +401,9 @@ class BenchData:
 
 def load_bench_data(params: Params, paths: Paths, device: torch.device, limit: int | None) -> BenchData:
     """Download if missing (a no-op when the verified files are there), hold out `val_size`, keep `limit`."""
-    from vae_mlops import stages
+    from vae_mlops.stages.download import download
 
-    stages.download(params.data, paths)
+    download(params.data, paths)
     spec, raw_dir = get_dataset(params.data.dataset), paths.raw_dir(params.data.dataset)
     images, _ = data.load_split(raw_dir, spec, "train")
     train_idx = split_train_val(len(images), params.train.val_size, params.train.seed)[0][:limit]

@@ -112,3 +112,11 @@ def test_example_weights_give_the_same_function():
 def test_train_flops_match_the_issue_formula():
     model = VAE(VAEConfig(784, 400, 20, "bernoulli"))
     assert bench.train_flops_per_image(model) == 3 * 2 * (784 * 400 + 400 * 40 + 20 * 400 + 400 * 784)
+
+
+def test_profile_step_lists_the_ops_per_step(capsys):
+    from benchmarks import profile_step
+
+    assert profile_step.main(["--images", "300", "--threads", "1", "--top", "3", "--precision", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "(3 steps)" in out and "aten::" in out and "all ops" in out

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from tests.support.synthetic import NAMES, idx_bytes
-from vae_mlops import stages
 from vae_mlops.data import DataError, load_split
 from vae_mlops.datasets import get_dataset
 from vae_mlops.params import DataParams
 from vae_mlops.paths import Paths
+from vae_mlops.stages.download import download as run_download
 
 CFG = DataParams(dataset="tiny", timeout_s=2.0, retries=2)
 
@@ -34,7 +34,7 @@ def assert_nothing_left(root: Path) -> None:
 
 
 def test_valid_mirror_gives_verified_data_and_table(data_env, tmp_path):
-    manifest = stages.download(CFG, Paths(tmp_path))
+    manifest = run_download(CFG, Paths(tmp_path))
     raw = tmp_path / "data" / "raw" / "tiny"
     assert sorted(p.name for p in raw.iterdir()) == sorted(
         [*NAMES.values(), "images.parquet", "manifest.json"]
@@ -45,9 +45,9 @@ def test_valid_mirror_gives_verified_data_and_table(data_env, tmp_path):
 
 
 def test_second_run_downloads_nothing(data_env, tmp_path, monkeypatch):
-    stages.download(CFG, Paths(tmp_path))
+    run_download(CFG, Paths(tmp_path))
     monkeypatch.setenv("VAE_DATA_MIRROR", str(tmp_path / "no-such-mirror"))
-    stages.download(CFG, Paths(tmp_path))  # would fail if it tried to fetch
+    run_download(CFG, Paths(tmp_path))  # would fail if it tried to fetch
 
 
 def test_raw_files_work_as_well_as_gzipped(tiny_mirror, tmp_path, monkeypatch):
@@ -56,7 +56,7 @@ def test_raw_files_work_as_well_as_gzipped(tiny_mirror, tmp_path, monkeypatch):
     for f in tiny_mirror.iterdir():
         (raw_mirror / f.name.removesuffix(".gz")).write_bytes(gzip.decompress(f.read_bytes()))
     monkeypatch.setenv("VAE_DATA_MIRROR", f"file://{raw_mirror}")
-    stages.download(CFG, Paths(tmp_path / "proj"))
+    run_download(CFG, Paths(tmp_path / "proj"))
 
 
 def _replace(mirror: Path, name: str, content: bytes) -> None:
@@ -92,12 +92,12 @@ def test_bad_file_is_named_and_leaves_nothing(tiny_mirror, tmp_path, monkeypatch
     make(mirror)
     monkeypatch.setenv("VAE_DATA_MIRROR", str(mirror))
     with pytest.raises(DataError, match=message):
-        stages.download(CFG, Paths(tmp_path / "proj"))
+        run_download(CFG, Paths(tmp_path / "proj"))
     assert_nothing_left(tmp_path / "proj")
 
 
 def test_bad_mirror_keeps_previous_valid_data(data_env, tmp_path, monkeypatch):
-    stages.download(CFG, Paths(tmp_path))
+    run_download(CFG, Paths(tmp_path))
     raw = tmp_path / "data" / "raw" / "tiny"
     before = {p.name: p.read_bytes() for p in raw.iterdir()}
     (raw / "manifest.json").unlink()  # force a refetch
@@ -105,7 +105,7 @@ def test_bad_mirror_keeps_previous_valid_data(data_env, tmp_path, monkeypatch):
     monkeypatch.setenv("VAE_DATA_MIRROR", str(tmp_path / "empty"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="not found at"):
-        stages.download(CFG, Paths(tmp_path))
+        run_download(CFG, Paths(tmp_path))
     assert {p.name: p.read_bytes() for p in raw.iterdir()} == before
 
 
@@ -128,7 +128,7 @@ def test_http_mirror_serving_html_is_refused(tiny_mirror, tmp_path, monkeypatch)
     try:
         monkeypatch.setenv("VAE_DATA_MIRROR", f"http://127.0.0.1:{server.server_port}/mnist/")
         with pytest.raises(DataError, match="served an HTML page"):
-            stages.download(CFG, Paths(tmp_path))
+            run_download(CFG, Paths(tmp_path))
     finally:
         server.shutdown()
     assert_nothing_left(tmp_path)
@@ -140,7 +140,7 @@ def test_http_mirror_serves_the_dataset(tiny_mirror, tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("VAE_DATA_MIRROR", f"http://127.0.0.1:{server.server_port}")
-        stages.download(CFG, Paths(tmp_path))
+        run_download(CFG, Paths(tmp_path))
     finally:
         server.shutdown()
     assert (tmp_path / "data" / "raw" / "tiny" / "manifest.json").is_file()

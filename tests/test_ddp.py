@@ -21,12 +21,13 @@ import pytest
 import torch
 import yaml
 
-from tests.support.project import ROOT, tiny_raw_params
 from tests.support.e2e import copy_project, dvc, tool_env
 from tests.support.mlflow_store import free_port, fresh_store
-from vae_mlops import checkpoint, stages
+from tests.support.project import ROOT, tiny_raw_params
+from vae_mlops import checkpoint
 from vae_mlops.params import ParamsError, parse_params
 from vae_mlops.paths import Paths
+from vae_mlops.stages.train import train as run_train
 from vae_mlops.train import shard_plan
 
 EPOCHS = 30
@@ -87,7 +88,7 @@ def test_nproc_above_one_outside_torchrun_names_the_setting(tiny_mirror, tmp_pat
     """Calling the stage function in one process with train.nproc: 2 would silently train alone: refused."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ParamsError, match=r"train\.nproc is 2 .* not started by torchrun"):
-        stages.train(parse_params(tiny_raw_params(**{"train.nproc": 2})), Paths(tmp_path))
+        run_train(parse_params(tiny_raw_params(**{"train.nproc": 2})), Paths(tmp_path))
     assert not any(tmp_path.iterdir())
 
 
@@ -140,7 +141,7 @@ def test_two_ranks_match_one_process_with_the_global_batch(reference, tmp_path):
     root, _ = reference
     one = Paths(tmp_path / "one")
     shutil.copytree(root / "data", one.root / "data")
-    stages.train(parse_params(tiny_raw_params(**{**DDP, "train.batch_size": 64})), one)
+    run_train(parse_params(tiny_raw_params(**{**DDP, "train.batch_size": 64})), one)
     ddp, single = weights(root), weights(one.root)
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-5)  # sums in another order only

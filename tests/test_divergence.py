@@ -18,9 +18,10 @@ import torch
 import yaml
 
 from tests.support.e2e import copy_project, tool_env
-from vae_mlops import checkpoint, stages
+from vae_mlops import checkpoint
 from vae_mlops.params import parse_params
 from vae_mlops.paths import Paths
+from vae_mlops.stages.train import train as run_train
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +88,6 @@ def test_nan_at_epoch_3_keeps_epochs_1_and_2_and_the_rerun_resumes_from_2(tiny_m
 
     straight = Paths(tmp_path / "straight")  # the same params and data, never failed
     shutil.copytree(repo / "data", straight.root / "data")
-    stages.train(parse_params(yaml.safe_load((repo / "params.yaml").read_text())), straight)
+    run_train(parse_params(yaml.safe_load((repo / "params.yaml").read_text())), straight)
     reference = checkpoint.load_model(straight.model_file)[0].state_dict()
     assert all(torch.equal(t, reference[k]) for k, t in model.state_dict().items())

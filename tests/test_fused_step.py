@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from vae_mlops.model import VAE, VAEConfig
 from vae_mlops.params import parse_params
 from vae_mlops.paths import Paths
 from vae_mlops.precision import cpu_flags, resolve_precision
-from vae_mlops.step import PARAMS, ELBOSums, FusedELBO, batch_losses, build_stepper, fused_elbo, layer_params
+from vae_mlops.step import PARAMS, ELBOSums, FusedELBO, Stepper, batch_losses, build_stepper, fused_elbo, layer_params
 from vae_mlops.train import TrainState, fit, make_optimizer
 
 NAMES = tuple(LIKELIHOODS)  # every registered likelihood, a new one included
@@ -228,3 +229,65 @@ def test_the_chosen_precision_is_logged_and_tagged(tmp_path: Path, caplog):
         stepper = build_stepper(model, make_optimizer(model, 1e-3, torch.device("cpu")), params.train, Single())
     assert f"train.precision auto: {chosen} on cpu" in caplog.text
     assert stepper.module.precision == chosen
+
+
+# ---------------------------------------------------------------- the direct step (no autograd) and adam_step
+
+
+def _two_steppers(precision: str, likelihood: str = "bernoulli"):
+    """Two identical models and optimisers: one stepped through autograd and optimizer.step(), one directly."""
+    out = []
+    for direct in (False, True):
+        torch.manual_seed(0)
+        model = VAE(VAEConfig(784, 48, 5, likelihood))
+        stepper = Stepper(
+            ELBOSums(model, precision, fused=True), make_optimizer(model, 1e-3, model.fc1.weight.device), False
+        )
+        assert stepper.direct  # the fused step outside DDP, compile and CUDA graphs takes the direct path
+        stepper.direct = direct
+        out.append((model, stepper))
+    return out
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+@pytest.mark.parametrize("likelihood", NAMES)
+def test_direct_step_gives_bit_identical_weights_and_adam_state(precision, likelihood):
+    """Same kernels in the same order: the skipped autograd engine and Adam's Python change no bit."""
+    (ref, ref_step), (got, got_step) = _two_steppers(precision, likelihood)
+    g = torch.Generator().manual_seed(4)
+    coef = torch.tensor([1 / 32, BETA / 32])
+    for _ in range(4):
+        x, eps = torch.rand((32, 784), generator=g), torch.randn((32, 5), generator=g)
+        torch.testing.assert_close(got_step(x, eps, coef, full=True), ref_step(x, eps, coef, full=True), rtol=0, atol=0)
+    for (name, p), q in zip(ref.named_parameters(), got.parameters()):
+        assert torch.equal(p, q), name
+        assert torch.equal(p.grad, q.grad), name
+    want, have = ref_step.optimizer.state_dict()["state"], got_step.optimizer.state_dict()["state"]
+    for i in want:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(want[i][key], have[i][key]), (i, key)
+
+
+def test_adam_step_falls_back_to_torch_when_a_hook_is_registered():
+    (ref, ref_step), (got, got_step) = _two_steppers("float32")
+    calls = []
+    got_step.optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    x, eps, coef = torch.rand(16, 784), torch.randn(16, 5), torch.tensor([1 / 16, 1 / 16])
+    for _ in range(3):
+        ref_step(x, eps, coef, full=True)
+        got_step(x, eps, coef, full=True)
+    assert len(calls) == 3  # every step went through optimizer.step(), hooks and all
+    assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), got.parameters()))
+
+
+def test_adam_step_equals_optimizer_step_after_a_resume():
+    """State loaded from a checkpoint (new tensors) is what the next direct step updates."""
+    (ref, ref_step), (got, got_step) = _two_steppers("float32")
+    x, eps, coef = torch.rand(16, 784), torch.randn(16, 5), torch.tensor([1 / 16, 1 / 16])
+    ref_step(x, eps, coef, full=True)
+    got_step(x, eps, coef, full=True)
+    got_step.optimizer.load_state_dict(copy.deepcopy(ref_step.optimizer.state_dict()))  # as from a file
+    for _ in range(2):
+        ref_step(x, eps, coef, full=True)
+        got_step(x, eps, coef, full=True)
+    assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), got.parameters()))

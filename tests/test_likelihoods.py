@@ -185,6 +185,21 @@ def test_softplus_sum_matches_torch_for_any_width_and_extreme_logits():
         torch.testing.assert_close(softplus_sum(logits).double(), want, rtol=1e-6, atol=1e-4)
 
 
+def test_softplus_sum_in_place_equals_the_plain_one_and_leaves_nothing_else_changed():
+    """The IWAE loop's variant overwrites its two buffers and must give the plain sum to the last bit."""
+    from vae_mlops.likelihoods.base import softplus_sum, softplus_sum_
+
+    g = torch.Generator().manual_seed(16)
+    for d in (784, 12, 7):
+        logits = torch.cat([6 * torch.randn(40, d, generator=g) - 8, torch.full((1, d), -1e4), torch.full((1, d), 1e4)])
+        want = softplus_sum(logits)
+        work, scratch = logits.clone(), torch.empty_like(logits)
+        got = softplus_sum_(work, scratch)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        double = torch.nn.functional.softplus(logits.double()).sum(-1)
+        torch.testing.assert_close(got.double(), double, rtol=1e-6, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", list(LIKELIHOODS))
 def test_iwae_with_bf16_decoding_stays_close_to_float32(name):
     torch.manual_seed(13)

@@ -15,12 +15,14 @@ import pytest
 import torch
 
 from tests.support.project import ROOT, tiny_raw_params
-from vae_mlops import checkpoint, stages
+from vae_mlops import checkpoint
 from vae_mlops.data import load_split
 from vae_mlops.datasets import BUILTIN, get_dataset
 from vae_mlops.model import elbo
 from vae_mlops.params import parse_params
 from vae_mlops.paths import Paths
+from vae_mlops.stages.download import download as run_download
+from vae_mlops.stages.train import train as run_train
 from vae_mlops.train import to_unit_float
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -57,8 +59,8 @@ def trained_on_mnist(tmp_path_factory) -> Paths:
     params = parse_params(tiny_raw_params(**overrides))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VAE_DATA_MIRROR", str(SHARED / "mnist"))
-        stages.download(params.data, paths)  # verifies every file's sha256 on the way in
-    stages.train(params, paths)
+        run_download(params.data, paths)  # verifies every file's sha256 on the way in
+    run_train(params, paths)
     return paths
 
 

@@ -13,8 +13,11 @@ import torch
 
 from tests.support.e2e import copy_project, run, tool_env
 from tests.support.mlflow_store import free_port, fresh_store
-from vae_mlops import stages, tracking
+from vae_mlops import tracking
 from vae_mlops.paths import Paths
+from vae_mlops.stages.download import download as run_download
+from vae_mlops.stages.evaluate import evaluate as run_evaluate
+from vae_mlops.stages.train import train as run_train
 from vae_mlops.train import EpochStats
 
 
@@ -83,9 +86,9 @@ def test_the_train_stage_logs_params_tags_epoch_metrics_and_images_into_one_run(
     root = tmp_path / "project"
     commit = _git_repo(root)
     paths = Paths(root)
-    manifest = stages.download(tiny_params.data, paths)
+    manifest = run_download(tiny_params.data, paths)
     with tracking.train_run(tiny_params, paths, "cpu", manifest) as logger:
-        stages.train(tiny_params, paths, logger)
+        run_train(tiny_params, paths, logger)
 
     recorded = json.loads(paths.train_run_file.read_text())
     client = tracking._client(store)
@@ -111,7 +114,7 @@ def test_the_train_stage_logs_params_tags_epoch_metrics_and_images_into_one_run(
     assert commit in tags["mlflow.note.content"] and "not a DVC experiment" in tags["mlflow.note.content"]
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(r.data.metrics)
     with tracking.stage_run(paths) as run:
-        stages.evaluate(tiny_params, paths, run)
+        run_evaluate(tiny_params, paths, run)
     inputs = client.get_run(recorded["run_id"]).inputs.dataset_inputs
     by_context = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
     assert set(by_context) == {"train", "validation", "test"}

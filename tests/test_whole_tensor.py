@@ -16,17 +16,18 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.support.project import tiny_raw_params
-from vae_mlops import stages
 from vae_mlops.params import parse_params
 from vae_mlops.paths import Paths
+from vae_mlops.stages.download import download as run_download
 from vae_mlops.stages.train import build_state, load_train_data
-from vae_mlops.train import fit
+from vae_mlops.stages.train import train as run_train
+from vae_mlops.train import epoch_permutation, fit, train_epoch
 
 SYNC_OPS = {"aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.equal.default"}
 
 
 class HostReads(TorchDispatchMode):
-    """Counts host reads of tensor values, and the gathers (`aten.index`) of one watched tensor."""
+    """Counts host reads of tensor values, and the gathers (`aten.index`, `aten.index_select`) of one watched tensor."""
 
     def __init__(self, watched: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -39,7 +40,8 @@ class HostReads(TorchDispatchMode):
         name = str(func)
         if name in SYNC_OPS:
             self.reads[name] += 1
-        if name.startswith("aten.index.Tensor") and self.watched is not None and args[0] is self.watched:
+        gather = name.startswith(("aten.index.Tensor", "aten.index_select"))
+        if gather and self.watched is not None and args[0] is self.watched:
             self.gathers += 1
         return func(*args, **(kwargs or {}))
 
@@ -77,7 +79,7 @@ def test_the_counter_sees_every_kind_of_host_read():
 def tiny_data(data_env, tmp_path):
     params = parse_params(tiny_raw_params(**{"train.epochs": 3}))
     paths = Paths(tmp_path)
-    stages.download(params.data, paths)
+    run_download(params.data, paths)
     return params, paths
 
 
@@ -90,7 +92,7 @@ def test_training_uses_no_dataloader(tiny_data, monkeypatch):
     monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", refuse)
     monkeypatch.setattr(torch.utils.data.Dataset, "__getitem__", refuse)
     params, paths = tiny_data
-    result = stages.train(params, paths)
+    result = run_train(params, paths)
     assert paths.model_file.is_file() and result is not None
 
 
@@ -107,3 +109,18 @@ def test_an_epoch_gathers_the_split_once_and_reads_the_host_once(tiny_data):
     assert state.epoch == epochs
     assert counter.gathers == epochs  # the data stays one tensor: one index op on it per epoch, batches are views
     assert counter.total == epochs, f"{counter.total} host reads in {epochs} epochs: {dict(counter.reads)}"
+
+
+def test_the_shuffled_copy_is_one_buffer_reused_every_epoch(tiny_data):
+    """The epoch's gather writes into the previous epoch's buffer (no fresh allocation of the split's size)."""
+    params, paths = tiny_data
+    data = load_train_data(params, paths, torch.device("cpu"))
+    state = build_state(params, torch.device("cpu"))
+    pointers = []
+    for epoch in range(1, 3):
+        train_epoch(state, data.x_train, params.train, params.model.likelihood, 2)
+        state.epoch = epoch
+        pointers.append(state.shuffled.data_ptr())
+        order = epoch_permutation(len(data.x_train), params.train.seed, epoch, torch.device("cpu"))
+        assert torch.equal(state.shuffled, data.x_train[order])  # this epoch's order, all of it
+    assert pointers[0] == pointers[1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,50 @@ def layer_params(model: VAE) -> list[Tensor]:
     return [named[name] for name in PARAMS]
 
 
+def elbo_forward(
+    x: Tensor, eps: Tensor, likelihood: Likelihood, mm_dtype: torch.dtype, params: Sequence[Tensor]
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """`FusedELBO`'s forward as a function: (recon, kl) sums, shape (2,), and what the backward needs."""
+    w1, b1, wm, bm, ws, bs, w3, b3, w4, b4 = params  # PARAMS order
+    wide = w1.dtype
+    low = (lambda t: t) if mm_dtype == wide else (lambda t: t.to(mm_dtype))  # noqa: E731
+    w1_low, w4_low, x_low = low(w1), low(w4), low(x)
+    h1 = torch.addmm(low(b1), x_low, w1_low.t()).relu_().to(wide)  # (B, H)
+    mu = torch.addmm(bm, h1, wm.t())  # (B, L)
+    log_std = torch.addmm(bs, h1, ws.t())
+    std = log_std.exp()
+    z = torch.addcmul(mu, eps, std)
+    h3 = low(torch.addmm(b3, z, w3.t()).relu_())  # (B, H)
+    logits = torch.addmm(low(b4), h3, w4_low.t()).to(wide)  # (B, D)
+    recon = likelihood.recon_sum(logits, x)
+    kl = 0.5 * (mu.square() + std.square() - 1 - 2 * log_std).sum()  # Kingma & Welling 2014, App. B
+    return torch.stack([recon, kl]), (x, x_low, eps, h1, mu, std, z, h3, logits, wm, ws, w3, w4_low)
+
+
+def elbo_backward(
+    saved: Sequence[Tensor], likelihood: Likelihood, mm_dtype: torch.dtype, g_recon: Tensor, g_kl: Tensor
+) -> tuple[Tensor, ...]:
+    """`FusedELBO`'s backward as a function: the gradients of g_recon * recon + g_kl * kl, in PARAMS order."""
+    x, x_low, eps, h1, mu, std, z, h3, logits, wm, ws, w3, w4 = saved
+    wide = h1.dtype
+    low = (lambda t: t) if mm_dtype == wide else (lambda t: t.to(mm_dtype))  # noqa: E731
+    d_logits = likelihood.recon_grad(logits, x, g_recon)  # (B, D)
+    d_logits_low = low(d_logits)
+    d_h3 = torch.ops.aten.threshold_backward(torch.mm(d_logits_low, w4), h3, 0).to(wide)
+    d_z = torch.mm(d_h3, w3)
+    d_mu = torch.addcmul(d_z, mu, g_kl)  # KL: d/dmu = mu
+    d_log_std = d_z.mul_(eps).mul_(std).addcmul_(std.square().sub_(1), g_kl)  # KL: d/dlog_std = std^2 - 1
+    d_h1 = torch.mm(d_mu, wm).addmm_(d_log_std, ws)
+    d_h1 = torch.ops.aten.threshold_backward(d_h1, h1, 0)
+    return (
+        torch.mm(low(d_h1).t(), x_low).to(wide), d_h1.sum(0),
+        torch.mm(d_mu.t(), h1), d_mu.sum(0),
+        torch.mm(d_log_std.t(), h1), d_log_std.sum(0),
+        torch.mm(d_h3.t(), z), d_h3.sum(0),
+        torch.mm(d_logits_low.t(), h3).to(wide), d_logits.sum(0),
+    )  # fmt: skip
+
+
 class FusedELBO(torch.autograd.Function):
     """(recon, kl) sums of a batch with a hand-written backward pass; same maths as autograd.
 
@@ -43,52 +88,21 @@ class FusedELBO(torch.autograd.Function):
     z = mu + eps * exp(log_std); logits = relu(z W3' + b3) W4' + b4. The matmuls of the two wide
     layers, fc1 and fc4 (98% of the FLOPs), run in `mm_dtype` (the weights' own dtype, or bfloat16);
     the narrow ones (fc_mu, fc_log_std, fc3), where bf16 saves nothing, the likelihood, the KL and
-    every gradient returned stay in the weights' dtype.
+    every gradient returned stay in the weights' dtype. `elbo_forward` and `elbo_backward` are the
+    two halves; `ELBOSums.step_grads` calls them without autograd.
     """
 
     @staticmethod
     def forward(ctx, x, eps, likelihood: Likelihood, mm_dtype: torch.dtype, *params):  # noqa: PLR0913
-        p = dict(zip(PARAMS, params))
-        wide = p["fc1.weight"].dtype
-        low = lambda t: t.to(mm_dtype)  # noqa: E731  (a no-op when mm_dtype is the weights' dtype)
-        w1, w4 = low(p["fc1.weight"]), low(p["fc4.weight"])
-        wm, ws, w3 = p["fc_mu.weight"], p["fc_log_std.weight"], p["fc3.weight"]
-        x_low = low(x)
-        h1 = torch.addmm(low(p["fc1.bias"]), x_low, w1.t()).relu_().to(wide)  # (B, H)
-        mu = torch.addmm(p["fc_mu.bias"], h1, wm.t())  # (B, L)
-        log_std = torch.addmm(p["fc_log_std.bias"], h1, ws.t())
-        std = log_std.exp()
-        z = torch.addcmul(mu, eps, std)
-        h3 = low(torch.addmm(p["fc3.bias"], z, w3.t()).relu_())  # (B, H)
-        logits = torch.addmm(low(p["fc4.bias"]), h3, w4.t()).to(wide)  # (B, D)
-        recon = likelihood.recon_sum(logits, x)
-        kl = 0.5 * (mu.square() + std.square() - 1 - 2 * log_std).sum()  # Kingma & Welling 2014, App. B
-        ctx.likelihood, ctx.wide, ctx.mm_dtype = likelihood, wide, mm_dtype
-        ctx.save_for_backward(x, x_low, eps, h1, mu, std, z, h3, logits, wm, ws, w3, w4)
-        return torch.stack([recon, kl])
+        parts, saved = elbo_forward(x, eps, likelihood, mm_dtype, params)
+        ctx.likelihood, ctx.mm_dtype = likelihood, mm_dtype
+        ctx.save_for_backward(*saved)
+        return parts
 
     @staticmethod
     def backward(ctx, grad_parts):
-        x, x_low, eps, h1, mu, std, z, h3, logits, wm, ws, w3, w4 = ctx.saved_tensors
-        wide, mm_dtype = ctx.wide, ctx.mm_dtype
-        low = lambda t: t.to(mm_dtype)  # noqa: E731
-        g_recon, g_kl = grad_parts[0], grad_parts[1]
-        d_logits = ctx.likelihood.recon_grad(logits, x, g_recon)  # (B, D)
-        d_logits_low = low(d_logits)
-        d_h3 = torch.ops.aten.threshold_backward(torch.mm(d_logits_low, w4), h3, 0).to(wide)
-        d_z = torch.mm(d_h3, w3)
-        d_mu = torch.addcmul(d_z, mu, g_kl)  # KL: d/dmu = mu
-        d_log_std = d_z.mul_(eps).mul_(std).addcmul_(std.square().sub_(1), g_kl)  # KL: d/dlog_std = std^2 - 1
-        d_h1 = torch.mm(d_mu, wm).addmm_(d_log_std, ws)
-        d_h1 = torch.ops.aten.threshold_backward(d_h1, h1, 0)
-        return (
-            None, None, None, None,
-            torch.mm(low(d_h1).t(), x_low).to(wide), d_h1.sum(0),
-            torch.mm(d_mu.t(), h1), d_mu.sum(0),
-            torch.mm(d_log_std.t(), h1), d_log_std.sum(0),
-            torch.mm(d_h3.t(), z), d_h3.sum(0),
-            torch.mm(d_logits_low.t(), h3).to(wide), d_logits.sum(0),
-        )  # fmt: skip
+        grads = elbo_backward(ctx.saved_tensors, ctx.likelihood, ctx.mm_dtype, grad_parts[0], grad_parts[1])
+        return (None, None, None, None, *grads)
 
 
 def fused_elbo(model: VAE, x: Tensor, eps: Tensor, mm_dtype: torch.dtype | None = None) -> Tensor:
@@ -108,6 +122,22 @@ class ELBOSums(nn.Module):
         super().__init__()
         self.vae, self.fused = vae, fused
         self.precision = resolve_precision(precision, next(vae.parameters()).device)
+
+    def step_grads(self, x: Tensor, eps: Tensor, coef: Tensor) -> Tensor:
+        """The fused step without autograd: returns the (recon, kl) sums and sets every `.grad` to d(coef . sums).
+
+        The same two functions `FusedELBO` runs, called directly: no graph is recorded and no
+        engine runs, which on a CPU is a measurable share of a step at batch 128.
+        """
+        assert self.fused, "step_grads is the fused step's"
+        params = layer_params(self.vae)
+        mm_dtype = torch.bfloat16 if self.precision == "bf16" else params[0].dtype
+        with torch.no_grad():
+            parts, saved = elbo_forward(x, eps, self.vae.likelihood, mm_dtype, params)
+            grads = elbo_backward(saved, self.vae.likelihood, mm_dtype, coef[0], coef[1])
+        for p, g in zip(params, grads):
+            p.grad = g
+        return parts
 
     def forward(self, x: Tensor, eps: Tensor) -> Tensor:
         if self.fused:
@@ -132,14 +162,58 @@ def batch_losses(model: VAE, x: Tensor, eps: Tensor, likelihood: str, precision:
     return recon, kl
 
 
+def adam_step(optimizer: torch.optim.Optimizer) -> None:
+    """`optimizer.step()` for `make_optimizer`'s Adam: the same fused kernel on the same state, less Python.
+
+    `torch.optim.Adam.step` rebuilds its lists, groups the tensors by device and checks its
+    options on every call; with one parameter group of fused, non-capturable Adam and no step
+    hooks, that is two calls (`_foreach_add_` on the steps, `_fused_adam_`), as torch makes them.
+    Anything else, and the first step (which creates the state), goes through `optimizer.step()`.
+    """
+    groups = optimizer.param_groups
+    group = groups[0]
+    params = group["params"]
+    if not _fast_adam(optimizer) or any(p.grad is None or not optimizer.state[p] for p in params):
+        optimizer.step()
+        return
+    states = [optimizer.state[p] for p in params]
+    steps = [st["step"] for st in states]
+    beta1, beta2 = group["betas"]
+    torch._foreach_add_(steps, 1)
+    torch._fused_adam_(
+        params, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+        [], steps, amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+        eps=group["eps"], maximize=group["maximize"], grad_scale=None, found_inf=None,
+    )  # fmt: skip
+
+
+def _fast_adam(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `adam_step` may call the kernel itself: exactly the case `make_optimizer` builds."""
+    from torch.optim import optimizer as opt_mod
+
+    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+        return False
+    g = optimizer.param_groups[0]
+    plain = g["fused"] and not (g["amsgrad"] or g["capturable"] or g["differentiable"] or g["decoupled_weight_decay"])
+    hooks = optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+    global_hooks = opt_mod._global_optimizer_pre_hooks or opt_mod._global_optimizer_post_hooks
+    dtypes = {(p.device, p.dtype) for p in g["params"]}
+    cpu_float = len(dtypes) == 1 and next(iter(dtypes))[0].type == "cpu"
+    scaled = getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None
+    return bool(plain and not hooks and not global_hooks and not scaled and cpu_float and not torch.is_tensor(g["lr"]))
+
+
 class Stepper:
     """zero_grad, forward, backward, Adam: eagerly, or replayed as one CUDA graph for full batches.
 
     The graph records the very same `step` that runs eagerly (and on the CPU), on static input buffers.
+    The fused step outside DDP, torch.compile and CUDA graphs skips autograd (`ELBOSums.step_grads`)
+    and torch's per-call Python around Adam's fused kernel (`adam_step`): same kernels, same results.
     """
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cuda_graphs: bool) -> None:
         self.module, self.optimizer, self.cuda_graphs = module, optimizer, cuda_graphs
+        self.direct = isinstance(module, ELBOSums) and module.fused and not cuda_graphs
         self.graph = None
         self.full_steps = 0
         self.static: tuple[Tensor, Tensor, Tensor] | None = None
@@ -147,6 +221,10 @@ class Stepper:
 
     def step(self, x: Tensor, eps: Tensor, coef: Tensor) -> Tensor:
         """One optimiser step on the loss coef . (recon, kl); returns the detached (recon, kl) sums."""
+        if self.direct:
+            parts = self.module.step_grads(x, eps, coef)
+            adam_step(self.optimizer)
+            return parts
         self.optimizer.zero_grad(set_to_none=True)
         parts = self.module(x, eps)
         parts.backward(coef)

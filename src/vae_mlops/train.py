@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -65,6 +65,7 @@ class TrainState:
     noise: torch.Generator  # eps of the reparameterisation, drawn once per epoch
     epoch: int = 0  # completed epochs
     history: list[dict] | None = None
+    shuffled: Tensor | None = field(default=None, repr=False)  # the epoch's gathered images, reused (not saved)
 
     def __post_init__(self) -> None:
         self.history = self.history or []
@@ -209,10 +210,10 @@ def train_epoch(
     eps_all = torch.randn((n, latent), generator=state.noise, device=device)  # every rank draws the global noise
     order = epoch_permutation(n, cfg.seed, epoch, device)
     if world.world_size == 1:
-        xs, eps = x_train[order], eps_all  # one gather, then contiguous slices
+        xs, eps = gather(state, x_train, order), eps_all  # one gather, then contiguous slices
     else:
         positions = plan.positions.to(device)
-        xs, eps = x_train[order[positions]], eps_all[positions]
+        xs, eps = gather(state, x_train, order[positions]), eps_all[positions]
     coefs: dict[int, Tensor] = {}  # loss = coef . (recon, kl); DDP averages over ranks, hence world_size
     steps = len(plan.local_sizes)
     parts_log = torch.empty((steps, 2), device=device)  # (recon, kl) sums of every step, read once
@@ -228,6 +229,19 @@ def train_epoch(
         progress.update(lambda: (parts_log[: b + 1] @ torch.tensor([1.0, cfg.beta], device=device)).item() / i)
     progress.close()
     return _epoch_summary(parts_log, n, cfg.beta, world)
+
+
+def gather(state: TrainState, x: Tensor, index: Tensor) -> Tensor:
+    """x[index] written into the buffer of the previous epoch: the same rows, without a fresh allocation.
+
+    A new (N, D) tensor every epoch costs the kernel a page fault per 4 kB of it on the CPU, a
+    large share of the gather's time; the buffer is made once and overwritten every epoch.
+    """
+    shape = (len(index), *x.shape[1:])
+    buf = state.shuffled
+    if buf is None or buf.shape != shape or buf.dtype != x.dtype or buf.device != x.device:
+        buf = state.shuffled = torch.empty(shape, dtype=x.dtype, device=x.device)
+    return torch.index_select(x, 0, index, out=buf)
 
 
 def _epoch_summary(parts_log: Tensor, n: int, beta: float, world: Single) -> Tensor:

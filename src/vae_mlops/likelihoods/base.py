@@ -27,18 +27,34 @@ def softplus(logits: Tensor) -> Tensor:
 
 
 def softplus_sum(logits: Tensor) -> Tensor:
-    """sum of softplus over the last dimension, with a sixteenth of the logarithms.
+    """sum of softplus over the last dimension, with a sixteenth of the logarithms; `logits` is left as it is.
 
-    sum max(l, 0) + log prod (1 + e^-|l|), the product taken over groups of up to 16
-    pixels (each factor is in (1, 2], so a group's product stays below 2^16).
+    softplus(l) = max(l, 0) + log(1 + e^-|l|) = max(l, 0) - log sigmoid(|l|): one vectorised
+    sigmoid instead of exp, negation and +1 (exp is the slowest of them). The logarithms are
+    taken of products over groups of up to 16 pixels: each factor sigmoid(|l|) is in [1/2, 1),
+    so a product stays above 2^-16.
     """
     if torch.is_grad_enabled() and logits.requires_grad:  # the in-place kernels below have no backward
         return F.softplus(logits).sum(-1)
-    d = logits.shape[-1]
+    return logits.clamp(min=0).sum(-1) - _log_sigmoid_sum_(logits.abs())
+
+
+def softplus_sum_(logits: Tensor, scratch: Tensor) -> Tensor:
+    """`softplus_sum` that overwrites `logits` and `scratch` (same shape): nothing as large is allocated.
+
+    The IWAE decoder calls it on buffers reused from chunk to chunk. l + |l| = 2 max(l, 0) exactly,
+    so sum max(l, 0) keeps every float32 digit (sum l + sum |l| would cancel on a digit's background).
+    """
+    a = torch.abs(logits, out=scratch)
+    positive = logits.add_(a).sum(-1).mul_(0.5)
+    return positive.sub_(_log_sigmoid_sum_(a))
+
+
+def _log_sigmoid_sum_(a: Tensor) -> Tensor:
+    """sum of log sigmoid(a) over the last dimension for a >= 0, one logarithm per group; overwrites `a`."""
+    d = a.shape[-1]
     group = next(g for g in range(16, 0, -1) if d % g == 0)
-    factors = logits.abs().neg_().exp_().add_(1)
-    logs = factors.view(*logits.shape[:-1], d // group, group).prod(-1).log_()
-    return logs.sum(-1) + logits.clamp(min=0).sum(-1)
+    return a.sigmoid_().view(*a.shape[:-1], d // group, group).prod(-1).log_().sum(-1)
 
 
 class Likelihood(ABC):
@@ -108,6 +124,10 @@ class ExponentialFamily(Likelihood):
         """A(l) summed over the last dimension (pixels): where a member can save work, without autograd."""
         return self.log_partition(logits).sum(-1)
 
+    def log_partition_sum_(self, logits: Tensor, scratch: Tensor) -> Tensor:
+        """`log_partition_sum` that may overwrite `logits` and `scratch` (same shape), buffers of the IWAE loop."""
+        return self.log_partition_sum(logits)
+
     def recon_loss(self, logits: Tensor, x: Tensor) -> Tensor:
         return (self.log_partition(logits) - x * logits).sum(-1)
 
@@ -128,17 +148,34 @@ class ExponentialFamily(Likelihood):
     ) -> Tensor:
         """x.l = (x W) . h + x . b with (W, b) the output layer: a (B, H) product made once.
 
-        Only A(l) needs the full logits, so each chunk costs one matmul and one pass over its
-        output; `mm_dtype` (e.g. bfloat16) runs that matmul in another dtype, A(l) staying in x's.
+        Only A(l) needs the full logits, so each chunk costs one matmul and a few passes over its
+        output. Without autograd these are written into buffers made once for all chunks (a fresh
+        allocation that large costs page faults on every chunk) and `hidden`'s output, which must be
+        a fresh tensor, is overwritten. `mm_dtype` (e.g. bfloat16) runs that matmul in another dtype,
+        A(l) staying in x's.
         """
         weight, bias = out.weight, out.bias  # (D, H), (D,)
         x_w, x_b = x @ weight, x @ bias  # (B, H), (B,)
         mm_dtype = mm_dtype or weight.dtype
         w_low, b_low = weight.to(mm_dtype), bias.to(mm_dtype)
+        in_place = not torch.is_grad_enabled()
+        if in_place:
+            rows = min(per, len(z)) * x.shape[0]
+            buf, scratch = (torch.empty((rows, weight.shape[0]), dtype=x.dtype, device=x.device) for _ in range(2))
+            buf_low = buf if mm_dtype == x.dtype else torch.empty(buf.shape, dtype=mm_dtype, device=x.device)
         parts = []
         for zc in z.split(per):
             h = hidden(zc)  # (n, B, H)
-            logits = torch.addmm(b_low, h.flatten(0, 1).to(mm_dtype), w_low.t()).to(x.dtype)  # (n*B, D)
-            a_sum = self.log_partition_sum(logits).view(h.shape[:2])
-            parts.append((h * x_w).sum(-1) + x_b - a_sum)
+            h_low = h.flatten(0, 1).to(mm_dtype)
+            if not in_place:
+                logits = torch.addmm(b_low, h_low, w_low.t()).to(x.dtype)  # (n*B, D)
+                a_sum = self.log_partition_sum(logits).view(h.shape[:2])
+                parts.append((h * x_w).sum(-1) + x_b - a_sum)
+                continue
+            n = len(h_low)
+            logits = torch.addmm(b_low, h_low, w_low.t(), out=buf_low[:n])
+            if logits.dtype != x.dtype:
+                logits = buf[:n].copy_(logits)
+            a_sum = self.log_partition_sum_(logits, scratch[:n]).view(h.shape[:2])
+            parts.append(h.mul_(x_w).sum(-1).add_(x_b).sub_(a_sum))  # h is spent: its product in place
         return torch.cat(parts)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vae_mlops.likelihoods.base import ExponentialFamily, softplus, softplus_sum
+from vae_mlops.likelihoods.base import ExponentialFamily, softplus, softplus_sum, softplus_sum_
 
 
 class Bernoulli(ExponentialFamily):
@@ -21,6 +21,9 @@ class Bernoulli(ExponentialFamily):
 
     def log_partition_sum(self, logits: Tensor) -> Tensor:
         return softplus_sum(logits)
+
+    def log_partition_sum_(self, logits: Tensor, scratch: Tensor) -> Tensor:
+        return softplus_sum_(logits, scratch)
 
     def mean(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits)
