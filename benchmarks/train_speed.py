@@ -70,7 +70,7 @@ EXAMPLE = {
 }
 TARGETS = {  # issue 13, on the 2-core CI-like machine
     "speedup_min": 4.0,  # over the PyTorch example's own training loop
-    "test_loss_gap_max": 0.5,  # the default against the example
+    "test_loss_gap_max": 0.5,  # the default's test loss may exceed the example's by this much (lower is better)
     "precision_gap_max": 0.3,  # the default against the fused float32 step (issue 13: after 10 epochs)
     "project_s_per_epoch_max": 0.7,
     "overhead_ms_per_step_max": 0.5,  # (s/epoch - matmul bound) / steps
@@ -364,7 +364,7 @@ def _caption(result: dict) -> str:
         "load average {:.1f} -> {:.1f}".format(*result["machine"]["load_avg_1min"]),
         f"matmul GFLOP/s: float32 {m['float32']:.4g}, bf16 {m['bf16']:.4g}; at the model's shapes, "
         f"batch {result['batch_size']}: float32 {m['float32_step']:.4g}, bf16 {m['bf16_step']:.4g}",
-        f"target speedup >= {t['speedup_min']} at the same test loss (within {t['test_loss_gap_max']} nats): "
+        f"target speedup >= {t['speedup_min']}, test loss at most the baseline's + {t['test_loss_gap_max']} nats: "
         f"{result['speedup']:.2f}, gap {result['test_loss_gap']:+.2f} {mark[met['speedup']]}",
         f"target project <= {t['project_s_per_epoch_max']} s/epoch: {result['project_s_per_epoch']:.2f} "
         f"({result['project_precision']}) {mark[met['project_s_per_epoch']]}",
@@ -492,9 +492,9 @@ def summarise(rows: list[Row], model: VAE, gflops: dict[str, float], n: int, bat
 def targets_met(result: dict) -> dict[str, bool]:
     bf16_ok = abs(result["iwae_bf16_gap"]) <= TARGETS["iwae_bf16_gap_max"]  # bf16 decoding counts only if it serves
     bf16_iwae = result["iwae1000_bf16_s"] if bf16_ok else math.inf
-    same_loss = abs(result["test_loss_gap"]) <= TARGETS["test_loss_gap_max"]
+    no_worse = result["test_loss_gap"] <= TARGETS["test_loss_gap_max"]  # a faster row may not buy speed with loss
     return {
-        "speedup": result["speedup"] >= TARGETS["speedup_min"] and same_loss,
+        "speedup": result["speedup"] >= TARGETS["speedup_min"] and no_worse,
         "project_s_per_epoch": result["project_s_per_epoch"] <= TARGETS["project_s_per_epoch_max"],
         "overhead_ms_per_step": result["project_overhead_ms_per_step"] <= TARGETS["overhead_ms_per_step_max"],
         "precision_gap": abs(result["precision_test_loss_gap"]) <= TARGETS["precision_gap_max"],
