@@ -1,7 +1,8 @@
 """NaN at a later epoch, under the same checkpoint key: the good epochs stay, and the rerun resumes from them.
 
 The fault is outside everything the run key holds (params, data, code): a `sitecustomize` that the test puts
-on PYTHONPATH corrupts one weight with NaN after a given Adam step, as failing memory or a bad kernel would.
+on PYTHONPATH corrupts one weight with NaN after a given training step (`Stepper`, whichever path the step
+takes: autograd and `optimizer.step()`, or the fused kernels), as failing memory or a bad kernel would.
 The stage itself is what a user runs, `python -m vae_mlops train`; removing the fault (no PYTHONPATH) and
 rerunning must resume from the last good epoch and end with the weights of a run that never failed.
 """
@@ -32,22 +33,23 @@ NAN_AFTER_STEP = 2 * STEPS_PER_EPOCH + 3  # the 4th batch of epoch 3 sees NaN we
 HOOK = '''
 import os
 import torch
+from vae_mlops import step as step_module
 
 _after = int(os.environ["VAE_TEST_NAN_AFTER_STEP"])
 _steps = [0]
-_step = torch.optim.Adam.step
+_call = step_module.Stepper.__call__
 
 
-def step(self, *args, **kwargs):
-    out = _step(self, *args, **kwargs)
+def call(self, *args, **kwargs):
+    out = _call(self, *args, **kwargs)
     _steps[0] += 1
     if _steps[0] == _after:
         with torch.no_grad():
-            self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+            self.optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
     return out
 
 
-torch.optim.Adam.step = step
+step_module.Stepper.__call__ = call
 '''
 
 
