@@ -16,7 +16,7 @@ os.environ["VAE_OFFLINE"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs about one xdist worker per core. Each worker, and every stage it starts (the variable
+    # `make test` runs one xdist worker per core. Each worker, and every stage it starts (the variable
     # is inherited), computes on one thread: two workers' OpenMP teams on two cores spin against each
     # other and every step slows tenfold.
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
