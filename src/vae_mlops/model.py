@@ -49,7 +49,8 @@ class VAE(nn.Module):
         return self.fc_mu(h), self.fc_log_std(h)
 
     def decode_hidden(self, z: Tensor) -> Tensor:
-        return F.relu(self.fc3(z))
+        """relu(fc3(z)), the ReLU in place on fc3's fresh output: IWAE decodes k x B of these at once."""
+        return self.fc3(z).relu_()
 
     def decode_logits(self, z: Tensor) -> Tensor:
         return self.fc4(self.decode_hidden(z))
@@ -143,6 +144,5 @@ def iwae_log_likelihood(
     log_pz = (-0.5 * z.pow(2) - 0.5 * LOG_2PI).sum(-1)  # (k, B)
     log_qz = (-0.5 * eps.pow(2) - log_std - 0.5 * LOG_2PI).sum(-1)
     per = max(1, chunk // b)
-    hidden = lambda zc: model.fc3(zc).relu_()  # noqa: E731  (decode_hidden, its ReLU in place: one (n, B, H) copy less)
-    log_px = model.likelihood.iwae_log_px(hidden, model.fc4, x, z, per, mm_dtype)  # (k, B)
+    log_px = model.likelihood.iwae_log_px(model.decode_hidden, model.fc4, x, z, per, mm_dtype)  # (k, B)
     return torch.logsumexp(log_px + log_pz - log_qz, dim=0) - math.log(k)
