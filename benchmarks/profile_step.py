@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from vae_mlops import host_memory
 from vae_mlops.distributed import Single
 from vae_mlops.params import load_params
 from vae_mlops.stages.train import build_state
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    host_memory.keep_freed_memory()  # as the train stage does
     params = load_params(args.params, {"train.batch_size": 128, "train.lr": 1e-3, "train.precision": args.precision})
     cfg = dataclasses.replace(params.train, device="cpu", cuda_graphs=False, compile=False)
     params = dataclasses.replace(params, train=cfg)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vae_mlops import atomic, cli_args, data, metrics
+from vae_mlops import atomic, cli_args, data, host_memory, metrics
 from vae_mlops.datasets import get_dataset
 from vae_mlops.distributed import Single
 from vae_mlops.errors import VaeMlopsError
@@ -559,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         threads = params.train.threads if args.threads is None else args.threads
         if threads:
             torch.set_num_threads(threads)
+        host_memory.keep_freed_memory()  # as the train stage does; every row runs in this process under it
         result = bench(params, paths, args.epochs, args.iwae_k, args.limit, args.matmul_size, args.min_seconds)
         atomic.write_json(paths.bench_file, result)
     except VaeMlopsError as exc:

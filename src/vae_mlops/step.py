@@ -122,6 +122,10 @@ class ELBOSums(nn.Module):
         super().__init__()
         self.vae, self.fused = vae, fused
         self.precision = resolve_precision(precision, next(vae.parameters()).device)
+        self.mm_dtype = torch.bfloat16 if self.precision == "bf16" else None  # None: the weights' own dtype
+        # looked up once: the same tensors the optimiser holds (a model whose parameters are replaced needs
+        # a new ELBOSums, as it needs a new optimiser); the lookup by name costs a share of a small step
+        self.params = layer_params(vae)
 
     def step_grads(self, x: Tensor, eps: Tensor, coef: Tensor) -> Tensor:
         """The fused step without autograd: returns the (recon, kl) sums and sets every `.grad` to d(coef . sums).
@@ -130,8 +134,8 @@ class ELBOSums(nn.Module):
         engine runs, which on a CPU is a measurable share of a step at batch 128.
         """
         assert self.fused, "step_grads is the fused step's"
-        params = layer_params(self.vae)
-        mm_dtype = torch.bfloat16 if self.precision == "bf16" else params[0].dtype
+        params = self.params
+        mm_dtype = self.mm_dtype or params[0].dtype
         with torch.no_grad():
             parts, saved = elbo_forward(x, eps, self.vae.likelihood, mm_dtype, params)
             grads = elbo_backward(saved, self.vae.likelihood, mm_dtype, coef[0], coef[1])
@@ -141,7 +145,7 @@ class ELBOSums(nn.Module):
 
     def forward(self, x: Tensor, eps: Tensor) -> Tensor:
         if self.fused:
-            return fused_elbo(self.vae, x, eps, torch.bfloat16 if self.precision == "bf16" else None)
+            return fused_elbo(self.vae, x, eps, self.mm_dtype)
         with _autocast(x.device, self.precision):
             logits, mu, log_std = self.vae(x, eps)
         wide = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> float32; float64 stays float64

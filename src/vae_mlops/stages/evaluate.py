@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from vae_mlops import atomic, checkpoint, data, images, metrics
+from vae_mlops import atomic, checkpoint, data, host_memory, images, metrics
 from vae_mlops.datasets import get_dataset
 from vae_mlops.model import VAE
 from vae_mlops.params import Params
@@ -47,6 +47,7 @@ def evaluate(params: Params, paths: Paths, run: PipelineRun | None = None) -> di
     are not finite or out of range leaves no metrics file and is never registered.
     """
     t0 = time.perf_counter()
+    host_memory.keep_freed_memory()  # the IWAE loop's chunk buffers are fresh every batch
     device = resolve_device(params.train.device)
     model, payload = load_trained(paths, device)
     x, labels = load_test_split(params, paths, device)

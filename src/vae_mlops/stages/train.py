@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from vae_mlops import atomic, checkpoint, data, distributed, images
+from vae_mlops import atomic, checkpoint, data, distributed, host_memory, images
 from vae_mlops.datasets import get_dataset
 from vae_mlops.model import VAE, VAEConfig
 from vae_mlops.params import Params, ParamsError
@@ -165,6 +165,7 @@ def train(params: Params, paths: Paths, logger: RunLogger | None = None) -> dict
                            "`python -m vae_mlops train` or `dvc repro`, which launch torchrun, or set train.nproc: 1"])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    host_memory.keep_freed_memory()
     device = resolve_device(cfg.device)
     with distributed.session(cfg.distributed, device.type) as world:
         return _train(params, paths, logger if world.is_main else None, distributed.device_for(device, world), world)
