@@ -120,3 +120,18 @@ def test_profile_step_lists_the_ops_per_step(capsys):
     assert profile_step.main(["--images", "300", "--threads", "1", "--top", "3", "--precision", "float32"]) == 0
     out = capsys.readouterr().out
     assert "(3 steps)" in out and "aten::" in out and "all ops" in out
+
+
+@pytest.mark.parametrize("precision", ["bf16", "float32"])
+def test_step_floor_sums_the_kernels_a_step_cannot_do_without(capsys, precision):
+    from benchmarks import step_floor
+
+    assert step_floor.main(["--reps", "2", "--threads", "1", "--precision", precision]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {ln[:82].strip(): float(ln[82:]) for ln in lines if ln[82:].strip().replace(".", "").isdigit()}
+    kernels = {k: v for k, v in rows.items() if not k.startswith(("floor", "the real step"))}
+    assert any(k.startswith("Adam") for k in kernels) and any(k.startswith("wide matmuls") for k in kernels)
+    assert any(k.startswith("casts") for k in kernels) == (precision == "bf16")  # float32 casts nothing
+    assert rows["floor: their sum"] == pytest.approx(sum(kernels.values()), abs=len(kernels))  # rounding
+    assert rows["the real step, timed in turn with them"] > 0
+    assert "s/epoch over 430 steps" in lines[-1] and "ms/step" in lines[-1]

@@ -1,0 +1,142 @@
+"""The least a training step can take with torch's kernels: each kernel it cannot do without, timed alone.
+
+The step of `train.precision` (params.yaml's `auto` by default) needs, whatever the Python
+around them: its matmuls (the two wide layers in the step's matmul dtype, the three narrow
+ones in float32), Adam's fused kernel over every parameter, in bf16 the casts of the two wide
+weights and their gradients (torch has no CPU bf16 matmul with a float32 output), and the
+likelihood's sum and gradient. Each is timed alone, with hot caches, at batch 128 on the default
+network; their sum is a floor under the step, and under s/epoch and per-step overhead as
+`make bench` computes them. The real step is timed in the same process, in turn with the kernels,
+so the gap between the two is what any fusion of the step could still win here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from benchmarks.train_speed import matmul_rate, train_flops_per_image
+from vae_mlops import host_memory
+from vae_mlops.distributed import Single
+from vae_mlops.params import load_params
+from vae_mlops.stages.train import build_state
+from vae_mlops.step import adam_step, build_stepper, layer_params
+from vae_mlops.train import make_optimizer
+
+TRAIN_IMAGES = 55_000  # the split minus train.val_size, as `make bench` trains
+TARGET_S_PER_EPOCH = 0.7  # issue 13
+TARGET_OVERHEAD_MS = 0.5
+
+
+def median_us(work: Callable[[], object], reps: int, blocks: int = 5) -> float:
+    """Median over `blocks` of the mean time of `reps` calls, in µs, after a warm-up block."""
+    for _ in range(reps):
+        work()
+    times = []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            work()
+        times.append((time.perf_counter() - t0) / reps * 1e6)
+    return statistics.median(times)
+
+
+def kernels(state, stepper, batch: int, mm_dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    """The step's indispensable kernels on tensors of its real shapes, keyed by what they are."""
+    w1, b1, wm, bm, ws, bs, w3, b3, w4, b4 = layer_params(state.model)
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape, dtype=torch.float32: torch.rand(shape, generator=g).to(dtype)  # noqa: E731
+    d, h, latent = w1.shape[1], w1.shape[0], wm.shape[0]
+    x, logits = rand(batch, d), rand(batch, d) * 8 - 4
+    x_low, w1_low, w4_low = x.to(mm_dtype), w1.detach().to(mm_dtype), w4.detach().to(mm_dtype)
+    h1, h3, dh = rand(batch, h, dtype=mm_dtype), rand(batch, h, dtype=mm_dtype), rand(batch, h, dtype=mm_dtype)
+    dl = rand(batch, d, dtype=mm_dtype)
+    h32, z, dz = rand(batch, h), rand(batch, latent), rand(batch, latent)
+    likelihood = state.model.likelihood
+    one = torch.tensor(1.0)
+    stepper(x, rand(batch, latent), torch.tensor([1.0, 1.0]), full=True)  # every .grad set
+    # Adam on a copy of the model and its gradients, so that the timing loop leaves the real weights alone
+    twin = copy.deepcopy(state.model)
+    for p, q in zip(state.model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()
+    adam = make_optimizer(twin, 1e-3, torch.device("cpu"))
+    adam.step()  # creates Adam's state, as a first step does
+    out = {
+        f"wide matmuls ({str(mm_dtype).removeprefix('torch.')}: fc1, fc4 forward; fc4 dX; fc1, fc4 dW)": lambda: (
+            torch.mm(x_low, w1_low.t()), torch.mm(h3, w4_low.t()), torch.mm(dl, w4_low),
+            torch.mm(dh.t(), x_low), torch.mm(dl.t(), h3),
+        ),
+        "narrow matmuls (float32: fc_mu, fc_log_std, fc3; forward, dX, dW)": lambda: (
+            torch.mm(h32, wm.detach().t()), torch.mm(h32, ws.detach().t()), torch.mm(z, w3.detach().t()),
+            torch.mm(dz, wm.detach()), torch.mm(dz, ws.detach()), torch.mm(h32, w3.detach()),
+            torch.mm(dz.t(), h32), torch.mm(dz.t(), h32), torch.mm(h32.t(), z),
+        ),
+        "Adam (torch's fused kernel, every parameter)": lambda: adam_step(adam),
+        "likelihood: reconstruction sum and its gradient": lambda: (
+            likelihood.recon_sum(logits, x), likelihood.recon_grad(logits, x, one),
+        ),
+    }
+    if mm_dtype != torch.float32:
+        out["casts: W1, W4 to bf16; their gradients to float32"] = lambda: (
+            w1.detach().to(mm_dtype), w4.detach().to(mm_dtype), w1_low.float(), w4_low.float(),
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.step_floor", description=__doc__.splitlines()[0])
+    p.add_argument("--precision", default="auto", help="train.precision: auto | float32 | bf16")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--reps", type=int, default=200, help="calls per timed block")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    host_memory.keep_freed_memory()  # as the train stage does
+    params = load_params(args.params, {"train.batch_size": 128, "train.lr": 1e-3, "train.precision": args.precision})
+    cfg = dataclasses.replace(params.train, device="cpu", cuda_graphs=False, compile=False)
+    state = build_state(dataclasses.replace(params, train=cfg), torch.device("cpu"))
+    stepper = build_stepper(state.model, state.optimizer, cfg, Single())
+    mm_dtype = stepper.module.mm_dtype or torch.float32
+    parts = kernels(state, stepper, cfg.batch_size, mm_dtype)
+    g = torch.Generator().manual_seed(1)
+    x, eps = torch.rand((cfg.batch_size, 784), generator=g), torch.randn((cfg.batch_size, 20), generator=g)
+    coef = torch.full((2,), 1.0 / cfg.batch_size)
+    rounds: dict[str, list[float]] = {}
+    for _ in range(3):  # kernels and the real step in turn, so that a burst on a shared machine hits both
+        for name, work in [*parts.items(), ("the real step", lambda: stepper(x, eps, coef, full=True))]:
+            rounds.setdefault(name, []).append(median_us(work, args.reps))
+    times = {name: statistics.median(v) for name, v in rounds.items()}
+    step_us = times.pop("the real step")
+    floor_us = sum(times.values())
+    steps = -(-TRAIN_IMAGES // cfg.batch_size)
+    rate = matmul_rate(2048, mm_dtype, torch.device("cpu"), min_s=1.0)  # `make bench`'s peak and bound
+    bound_s = TRAIN_IMAGES * train_flops_per_image(state.model) / rate
+    load = os.getloadavg()[0]
+    print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load {load:.1f}, {torch.get_num_threads()} "
+          f"threads, {stepper.module.precision} step, batch {cfg.batch_size}; "
+          f"2048² {str(mm_dtype).removeprefix('torch.')} matmul: {rate / 1e9:.1f} GFLOP/s")
+    print(f"{'kernel':<82} {'µs/step':>8}")
+    for name, us in times.items():
+        print(f"{name:<82} {us:>8.0f}")
+    print(f"{'floor: their sum':<82} {floor_us:>8.0f}")
+    print(f"{'the real step, timed in turn with them':<82} {step_us:>8.0f}")
+    floor_s = floor_us * steps / 1e6
+    print(f"floor: {floor_s:.2f} s/epoch over {steps} steps (target {TARGET_S_PER_EPOCH}); overhead over the matmul "
+          f"bound ({bound_s:.2f} s/epoch): at least {(floor_s - bound_s) / steps * 1e3:.2f} ms/step "
+          f"(target {TARGET_OVERHEAD_MS}); the real step: {step_us * steps / 1e6:.2f} s/epoch")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
