@@ -8,39 +8,24 @@ the epoch's wall time. On a shared machine compare variants in one process, not 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from vae_mlops import host_memory
-from vae_mlops.distributed import Single
-from vae_mlops.params import load_params
-from vae_mlops.stages.train import build_state
-from vae_mlops.step import build_stepper
+from benchmarks.step_setup import add_step_arguments, build_cpu_step
 from vae_mlops.train import train_epoch
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=55_000, help="random training images per epoch (default 55,000)")
-    p.add_argument("--precision", default="auto", help="train.precision: auto | float32 | bf16")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_step_arguments(p)
     p.add_argument("--top", type=int, default=15, help="ops to list")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    host_memory.keep_freed_memory()  # as the train stage does
-    params = load_params(args.params, {"train.batch_size": 128, "train.lr": 1e-3, "train.precision": args.precision})
-    cfg = dataclasses.replace(params.train, device="cpu", cuda_graphs=False, compile=False)
-    params = dataclasses.replace(params, train=cfg)
+    cfg, state, stepper = build_cpu_step(args)
     x = torch.rand(args.images, 784, generator=torch.Generator().manual_seed(0))
-    state = build_state(params, torch.device("cpu"))
-    stepper = build_stepper(state.model, state.optimizer, cfg, Single())
     steps = -(-args.images // cfg.batch_size)
 
     def epoch() -> float:

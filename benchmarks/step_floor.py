@@ -14,24 +14,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import datetime
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
+from benchmarks.step_setup import add_step_arguments, build_cpu_step
 from benchmarks.train_speed import matmul_rate, train_flops_per_image
-from vae_mlops import host_memory
-from vae_mlops.distributed import Single
-from vae_mlops.params import load_params
-from vae_mlops.stages.train import build_state
-from vae_mlops.step import adam_step, build_stepper, layer_params
-from vae_mlops.train import make_optimizer
+from vae_mlops.step import Stepper, adam_step, layer_params
+from vae_mlops.train import TrainState, make_optimizer
 
 TRAIN_IMAGES = 55_000  # the split minus train.val_size, as `make bench` trains
 TARGET_S_PER_EPOCH = 0.7  # issue 13
@@ -51,15 +46,15 @@ def median_us(work: Callable[[], object], reps: int, blocks: int = 5) -> float:
     return statistics.median(times)
 
 
-def kernels(state, stepper, batch: int, mm_dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+def kernels(state: TrainState, stepper: Stepper, batch: int, mm_dtype: torch.dtype) -> dict[str, Callable[[], object]]:
     """The step's indispensable kernels on tensors of its real shapes, keyed by what they are."""
-    w1, b1, wm, bm, ws, bs, w3, b3, w4, b4 = layer_params(state.model)
+    w1, _, wm, _, ws, _, w3, _, w4, _ = layer_params(state.model)  # PARAMS order: (weight, bias) per layer
     g = torch.Generator().manual_seed(0)
-    rand = lambda *shape, dtype=torch.float32: torch.rand(shape, generator=g).to(dtype)  # noqa: E731
+    rand = lambda *shape, dtype=torch.float32: torch.rand(shape, generator=g).to(dtype)
     d, h, latent = w1.shape[1], w1.shape[0], wm.shape[0]
     x, logits = rand(batch, d), rand(batch, d) * 8 - 4
     x_low, w1_low, w4_low = x.to(mm_dtype), w1.detach().to(mm_dtype), w4.detach().to(mm_dtype)
-    h1, h3, dh = rand(batch, h, dtype=mm_dtype), rand(batch, h, dtype=mm_dtype), rand(batch, h, dtype=mm_dtype)
+    h3, dh = rand(batch, h, dtype=mm_dtype), rand(batch, h, dtype=mm_dtype)
     dl = rand(batch, d, dtype=mm_dtype)
     h32, z, dz = rand(batch, h), rand(batch, latent), rand(batch, latent)
     likelihood = state.model.likelihood
@@ -73,40 +68,45 @@ def kernels(state, stepper, batch: int, mm_dtype: torch.dtype) -> dict[str, Call
     adam.step()  # creates Adam's state, as a first step does
     out = {
         f"wide matmuls ({str(mm_dtype).removeprefix('torch.')}: fc1, fc4 forward; fc4 dX; fc1, fc4 dW)": lambda: (
-            torch.mm(x_low, w1_low.t()), torch.mm(h3, w4_low.t()), torch.mm(dl, w4_low),
-            torch.mm(dh.t(), x_low), torch.mm(dl.t(), h3),
+            torch.mm(x_low, w1_low.t()),
+            torch.mm(h3, w4_low.t()),
+            torch.mm(dl, w4_low),
+            torch.mm(dh.t(), x_low),
+            torch.mm(dl.t(), h3),
         ),
         "narrow matmuls (float32: fc_mu, fc_log_std, fc3; forward, dX, dW)": lambda: (
-            torch.mm(h32, wm.detach().t()), torch.mm(h32, ws.detach().t()), torch.mm(z, w3.detach().t()),
-            torch.mm(dz, wm.detach()), torch.mm(dz, ws.detach()), torch.mm(h32, w3.detach()),
-            torch.mm(dz.t(), h32), torch.mm(dz.t(), h32), torch.mm(h32.t(), z),
+            torch.mm(h32, wm.detach().t()),
+            torch.mm(h32, ws.detach().t()),
+            torch.mm(z, w3.detach().t()),
+            torch.mm(dz, wm.detach()),
+            torch.mm(dz, ws.detach()),
+            torch.mm(h32, w3.detach()),
+            torch.mm(dz.t(), h32),
+            torch.mm(dz.t(), h32),
+            torch.mm(h32.t(), z),
         ),
         "Adam (torch's fused kernel, every parameter)": lambda: adam_step(adam),
         "likelihood: reconstruction sum and its gradient": lambda: (
-            likelihood.recon_sum(logits, x), likelihood.recon_grad(logits, x, one),
+            likelihood.recon_sum(logits, x),
+            likelihood.recon_grad(logits, x, one),
         ),
     }
     if mm_dtype != torch.float32:
         out["casts: W1, W4 to bf16; their gradients to float32"] = lambda: (
-            w1.detach().to(mm_dtype), w4.detach().to(mm_dtype), w1_low.float(), w4_low.float(),
+            w1.detach().to(mm_dtype),
+            w4.detach().to(mm_dtype),
+            w1_low.float(),
+            w4_low.float(),
         )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.step_floor", description=__doc__.splitlines()[0])
-    p.add_argument("--precision", default="auto", help="train.precision: auto | float32 | bf16")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_step_arguments(p)
     p.add_argument("--reps", type=int, default=200, help="calls per timed block")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    host_memory.keep_freed_memory()  # as the train stage does
-    params = load_params(args.params, {"train.batch_size": 128, "train.lr": 1e-3, "train.precision": args.precision})
-    cfg = dataclasses.replace(params.train, device="cpu", cuda_graphs=False, compile=False)
-    state = build_state(dataclasses.replace(params, train=cfg), torch.device("cpu"))
-    stepper = build_stepper(state.model, state.optimizer, cfg, Single())
+    cfg, state, stepper = build_cpu_step(args)
     mm_dtype = stepper.module.mm_dtype or torch.float32
     parts = kernels(state, stepper, cfg.batch_size, mm_dtype)
     g = torch.Generator().manual_seed(1)
@@ -123,18 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     rate = matmul_rate(2048, mm_dtype, torch.device("cpu"), min_s=1.0)  # `make bench`'s peak and bound
     bound_s = TRAIN_IMAGES * train_flops_per_image(state.model) / rate
     load = os.getloadavg()[0]
-    print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load {load:.1f}, {torch.get_num_threads()} "
-          f"threads, {stepper.module.precision} step, batch {cfg.batch_size}; "
-          f"2048² {str(mm_dtype).removeprefix('torch.')} matmul: {rate / 1e9:.1f} GFLOP/s")
+    print(
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load {load:.1f}, {torch.get_num_threads()} "
+        f"threads, {stepper.module.precision} step, batch {cfg.batch_size}; "
+        f"2048² {str(mm_dtype).removeprefix('torch.')} matmul: {rate / 1e9:.1f} GFLOP/s"
+    )
     print(f"{'kernel':<82} {'µs/step':>8}")
     for name, us in times.items():
         print(f"{name:<82} {us:>8.0f}")
     print(f"{'floor: their sum':<82} {floor_us:>8.0f}")
     print(f"{'the real step, timed in turn with them':<82} {step_us:>8.0f}")
     floor_s = floor_us * steps / 1e6
-    print(f"floor: {floor_s:.2f} s/epoch over {steps} steps (target {TARGET_S_PER_EPOCH}); overhead over the matmul "
-          f"bound ({bound_s:.2f} s/epoch): at least {(floor_s - bound_s) / steps * 1e3:.2f} ms/step "
-          f"(target {TARGET_OVERHEAD_MS}); the real step: {step_us * steps / 1e6:.2f} s/epoch")
+    print(
+        f"floor: {floor_s:.2f} s/epoch over {steps} steps (target {TARGET_S_PER_EPOCH}); overhead over the matmul "
+        f"bound ({bound_s:.2f} s/epoch): at least {(floor_s - bound_s) / steps * 1e3:.2f} ms/step "
+        f"(target {TARGET_OVERHEAD_MS}); the real step: {step_us * steps / 1e6:.2f} s/epoch"
+    )
     return 0
 
 
