@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from vae_mlops.denormals import flushed_denormals
 from vae_mlops.distributed import Single
 from vae_mlops.errors import VaeMlopsError
 from vae_mlops.model import VAE
@@ -220,13 +221,14 @@ def train_epoch(
     progress = _Progress(steps, epoch, epochs, world.is_main)
     state.model.train()
     i = 0
-    for b, (size, total) in enumerate(zip(plan.local_sizes, plan.global_sizes)):
-        if total not in coefs:
-            scale = world.world_size / total
-            coefs[total] = torch.tensor([scale, cfg.beta * scale], device=device)
-        parts_log[b] = stepper(xs[i : i + size], eps[i : i + size], coefs[total], full=size == cfg.batch_size)
-        i += size
-        progress.update(lambda: (parts_log[: b + 1] @ torch.tensor([1.0, cfg.beta], device=device)).item() / i)
+    with flushed_denormals():  # Adam's state of weights without gradient decays into them (see denormals.py)
+        for b, (size, total) in enumerate(zip(plan.local_sizes, plan.global_sizes)):
+            if total not in coefs:
+                scale = world.world_size / total
+                coefs[total] = torch.tensor([scale, cfg.beta * scale], device=device)
+            parts_log[b] = stepper(xs[i : i + size], eps[i : i + size], coefs[total], full=size == cfg.batch_size)
+            i += size
+            progress.update(lambda: (parts_log[: b + 1] @ torch.tensor([1.0, cfg.beta], device=device)).item() / i)
     progress.close()
     return _epoch_summary(parts_log, n, cfg.beta, world)
 
