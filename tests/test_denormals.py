@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -25,6 +28,27 @@ def test_denormals_read_as_zero_inside_on_every_thread_and_not_after():
         assert int((x * 1.0).count_nonzero()) == 0
         assert int((torch.full_like(x, 1e-30) * 1e-10).count_nonzero()) == 0  # a denormal result is flushed too
     assert denormal_count(x * 1.0) == x.numel()  # switched back off: the rest of the process sees the default
+
+
+# A process that loaded scikit-learn after torch: its own libgomp is mapped first, and runs another pool.
+WITH_SKLEARN = """
+import torch, sklearn.cluster
+maps = [ln.split()[-1] for ln in open("/proc/self/maps") if "libgomp" in ln and "r-xp" in ln]
+x = torch.full((1 << 22,), 1e-39)
+from vae_mlops.denormals import flushed_denormals
+with flushed_denormals():
+    inside = int((x * 1.0).count_nonzero())
+print(len(maps), inside, int((x * 1.0).count_nonzero()))
+"""
+
+
+def test_every_thread_of_torchs_pool_is_set_when_another_libgomp_is_loaded():
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", WITH_SKLEARN], env=env, capture_output=True, text=True, check=True)
+    libgomps, inside, after = map(int, out.stdout.split())
+    assert libgomps == 2  # torch's and scikit-learn's
+    assert inside == 0, f"{inside} of {1 << 22} denormals left: a thread of torch's pool kept its setting"
+    assert after == 1 << 22
 
 
 def test_adam_state_of_weights_without_gradient_turns_zero_not_denormal(tiny_params):

@@ -10,7 +10,7 @@ zero (the FTZ and DAZ bits) moves an update by less than 1e-30.
 
 The bits belong to each thread, and `torch.set_flush_denormal` sets only the calling one's:
 torch's intra-op threads (an OpenMP pool, made at the first parallel op) keep theirs. So the
-setting is also run once on every thread of that pool, through the OpenMP runtime torch loaded.
+setting is also run once on every thread of that pool, through the OpenMP runtime torch runs it on.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import ctypes
 import functools
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -53,23 +54,26 @@ def set_flush_denormal(on: bool) -> bool:
 
 def run_on_pool(work) -> bool:
     """Run `work()` once on each of torch's intra-op threads (an OpenMP parallel region); False without libgomp."""
-    gomp = _libgomp()
-    if gomp is None:
-        log.debug("no libgomp in this process: denormals are flushed on the calling thread only")
+    gomp_parallel = _gomp_parallel()
+    if gomp_parallel is None:
+        log.debug("torch's OpenMP runtime not found: denormals are flushed on the calling thread only")
         return False
     task = _TASK(lambda _: work())  # kept referenced until GOMP_parallel returns
-    gomp.GOMP_parallel(task, None, ctypes.c_uint(torch.get_num_threads()), ctypes.c_uint(0))
+    gomp_parallel(task, None, ctypes.c_uint(torch.get_num_threads()), ctypes.c_uint(0))
     return True
 
 
 @functools.cache
-def _libgomp() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch runs its pool on: the libgomp already mapped into this process (Linux)."""
+def _gomp_parallel():
+    """libgomp's `GOMP_parallel` as torch's own library resolves it.
+
+    Looked up through libtorch_cpu's handle, which searches its own dependencies: another
+    libgomp in the process (scikit-learn ships its own) runs another pool of threads.
+    """
     if "OpenMP" not in torch.__config__.parallel_info().rsplit("ATen parallel backend:", 1)[-1]:
         return None
+    lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
-        with open("/proc/self/maps") as maps:
-            path = next((ln.split()[-1] for ln in maps if "libgomp" in ln and "/" in ln), None)
-    except OSError:
+        return ctypes.CDLL(str(lib)).GOMP_parallel
+    except (OSError, AttributeError):
         return None
-    return ctypes.CDLL(path) if path else None
