@@ -3,10 +3,11 @@
 Adam's first moment of a weight whose gradient is exactly zero (the weights of MNIST's
 always-black border pixels, the rows of a dead ReLU unit) shrinks by beta1 = 0.9 every
 step. About 800 steps later (two epochs at batch 128) it falls below float32's smallest
-normal number, 1.2e-38, and stays there for another 150 steps. x86 CPUs take a slow
-microcode assist on every such operand: Adam's fused kernel went from 0.35 to 1.6 ms a step,
-the slow "phases" BENCHMARKS.md used to see from one epoch to the next. Flushing them to
-zero (the FTZ and DAZ bits) moves an update by less than 1e-30.
+normal number, 1.2e-38, and it never leaves: 0.9 times 4 units of the last place rounds back
+to 4 units, so it stops there instead of reaching zero. x86 CPUs take a slow
+microcode assist on every such operand: an epoch of MNIST went from 1.03 to 1.3 s from the
+third epoch on (BENCHMARKS.md, 2026-12-02), the slow "phases" seen before from one epoch to
+the next. Flushing them to zero (the FTZ and DAZ bits) moves an update by less than 1e-30.
 
 The bits belong to each thread, and `torch.set_flush_denormal` sets only the calling one's:
 torch's intra-op threads (an OpenMP pool, made at the first parallel op) keep theirs. So the
@@ -19,7 +20,7 @@ import contextlib
 import ctypes
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -52,7 +53,7 @@ def set_flush_denormal(on: bool) -> bool:
     return supported
 
 
-def run_on_pool(work) -> bool:
+def run_on_pool(work: Callable[[], object]) -> bool:
     """Run `work()` once on each of torch's intra-op threads (an OpenMP parallel region); False without libgomp."""
     gomp_parallel = _gomp_parallel()
     if gomp_parallel is None:
@@ -64,7 +65,7 @@ def run_on_pool(work) -> bool:
 
 
 @functools.cache
-def _gomp_parallel():
+def _gomp_parallel() -> Callable[..., None] | None:
     """libgomp's `GOMP_parallel` as torch's own library resolves it.
 
     Looked up through libtorch_cpu's handle, which searches its own dependencies: another
