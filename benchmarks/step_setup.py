@@ -11,7 +11,7 @@ import torch
 from vae_mlops import host_memory
 from vae_mlops.distributed import Single
 from vae_mlops.params import TrainParams, load_params
-from vae_mlops.stages.train import build_state
+from vae_mlops.train import build_state
 from vae_mlops.step import Stepper, build_stepper
 from vae_mlops.train import TrainState
 

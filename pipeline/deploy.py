@@ -1,4 +1,10 @@
-"""Work pools and deployments: `vae-pipeline` (cpu pool), `vae-train` (gpu pool), `scheduled-retraining`.
+"""Work pools, deployments and the drift automation.
+
+Deployments: `vae-pipeline` (cpu pool), `vae-train` (gpu pool), `scheduled-retraining`,
+`vae-monitor` (cpu pool, on `monitor.cron`) and `vae-retrain` (cpu pool: collect the
+recorded traffic as a snapshot, then the pipeline on it). The automation
+`vae-drift-retrain` runs `vae-retrain` when `pipeline/monitor.py` emits
+`vae.drift.detected`, at most once per registered model per `monitor.cooldown_s`.
 
 All three are worker deployments made with `flow.from_source(...)`: a `process`
 worker pulls the source (a local checkout, or a git URL for workers on other
@@ -20,29 +26,45 @@ from __future__ import annotations
 
 import argparse
 import os
+from datetime import timedelta
 import subprocess
 import sys
 from pathlib import Path
 from uuid import UUID
 
 from prefect import Flow
+from prefect.automations import Automation
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.events.actions import RunDeployment
+from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 from prefect.runner.storage import GitRepository
 from prefect.schedules import Cron
 from prefect.workers.process import ProcessWorker
 
 from pipeline.flows import PIPELINE_FLOW, REMOTE_ENV, TRAIN_FLOW, resolve_root
-from vae_mlops import cli_args
+from pipeline.monitor import DRIFT_EVENT, MONITOR_FLOW, RESOURCE_PREFIX
+from pipeline.retrain import ENTRYPOINT as RETRAIN_ENTRYPOINT
+from pipeline.retrain import RETRAIN_FLOW
+from vae_mlops import cli_args, inference_log
 from vae_mlops.errors import VaeMlopsError
 from vae_mlops.params import Params, load_params
 
 SCHEDULED = "scheduled-retraining"
 DEFAULT_GPU_POOL = "gpu"  # where vae-train is deployed while orchestrate.gpu_pool is "" (in-process)
-ENTRYPOINTS = {PIPELINE_FLOW: "pipeline/flows.py:vae_pipeline", TRAIN_FLOW: "pipeline/flows.py:vae_train"}
-# Passed to every flow run a worker starts, when set where the deployments are made.
+DRIFT_AUTOMATION = "vae-drift-retrain"
+ENTRYPOINTS = {
+    PIPELINE_FLOW: "pipeline/flows.py:vae_pipeline",
+    TRAIN_FLOW: "pipeline/flows.py:vae_train",
+    MONITOR_FLOW: "pipeline/monitor.py:vae_monitor",
+    RETRAIN_FLOW: RETRAIN_ENTRYPOINT,
+}
+# Passed to every flow run a worker starts, when set where the deployments are made. The inference
+# table's URLs only when they hold no password: the worker's own environment gives that
+# (VAE_MONITOR_DB_PASSWORD), so no secret is stored in a deployment.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", REMOTE_ENV)
+FORWARDED_URLS = ("VAE_MONITOR_DB_URI", "VAE_INFERENCE_DB_URI")
 
 
 def train_pool(params: Params) -> str:
@@ -69,6 +91,7 @@ def ensure_pools(names: list[str]) -> list[str]:
 def job_env() -> dict[str, str]:
     env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1"}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
+    env.update({k: os.environ[k] for k in FORWARDED_URLS if os.environ.get(k) and not inference_log.has_password(os.environ[k])})
     return env
 
 
@@ -122,13 +145,15 @@ def deploy_all(
     ensure_pools([cfg.cpu_pool, train_pool(params)])
     src = source or str(root)
     pipeline = Flow.from_source(pinned_source(src, pin), ENTRYPOINTS[PIPELINE_FLOW])
+    monitor = Flow.from_source(pinned_source(src, pin), ENTRYPOINTS[MONITOR_FLOW])
+    retrain = Flow.from_source(pinned_source(src, pin), ENTRYPOINTS[RETRAIN_FLOW])
     train = Flow.from_source(pinned_source(train_source or src, pin), ENTRYPOINTS[TRAIN_FLOW])
     common = {
         "build": False, "push": False, "print_next_steps": False, "ignore_warnings": True,
         "job_variables": {"env": job_env()}, "version": pin,
     }  # fmt: skip
     at = f" Code: commit {pin[:12]}."
-    return {
+    ids = {
         PIPELINE_FLOW: pipeline.deploy(
             name=PIPELINE_FLOW, work_pool_name=cfg.cpu_pool, concurrency_limit=1, tags=["vae"],
             description="The whole pipeline on demand: download -> train -> evaluate -> register." + at, **common,
@@ -145,7 +170,53 @@ def deploy_all(
             description=f"Retrain on `{cfg.retrain_cron}` ({cfg.timezone}); the registry gate decides promotion." + at,
             **common,
         ),
+        MONITOR_FLOW: monitor.deploy(
+            name=MONITOR_FLOW, work_pool_name=cfg.cpu_pool, concurrency_limit=1, tags=["vae", "monitor"],
+            schedule=Cron(params.monitor.cron, timezone=cfg.timezone),
+            description=f"Recorded traffic against the served version's reference on `{params.monitor.cron}`; "
+            f"a drift emits {DRIFT_EVENT}." + at,
+            **common,
+        ),
+        RETRAIN_FLOW: retrain.deploy(
+            name=RETRAIN_FLOW, work_pool_name=cfg.cpu_pool, concurrency_limit=1, tags=["vae", "retrain"],
+            description=f"On {DRIFT_EVENT}: the recorded traffic as a DVC snapshot, then the pipeline on it "
+            "through the gate." + at,
+            **common,
+        ),
     }  # fmt: skip
+    declare_drift_automation(ids[RETRAIN_FLOW], params.monitor.cooldown_s)
+    return ids
+
+
+def declare_drift_automation(retrain_deployment_id: UUID, cooldown_s: float) -> UUID:
+    """`vae.drift.detected` -> one run of the retraining deployment, per registered model, then quiet for `cooldown_s`.
+
+    A Reactive trigger fires on the first event and then waits out `within` before it can
+    fire again: the automation's own cooldown, beside the monitor's (which emits once per
+    model per cooldown). Created, or updated in place when it exists.
+    """
+    automation = Automation(
+        name=DRIFT_AUTOMATION,
+        description="A drift found by vae-monitor retrains once (pipeline/monitor.py, pipeline/deploy.py).",
+        trigger=EventTrigger(
+            expect={DRIFT_EVENT},
+            match={"prefect.resource.id": f"{RESOURCE_PREFIX}*"},
+            for_each={"prefect.resource.id"},  # each registered model has its own cooldown, across its versions
+            posture=Posture.Reactive,
+            threshold=1,
+            within=timedelta(seconds=cooldown_s),
+        ),
+        actions=[RunDeployment(source="selected", deployment_id=retrain_deployment_id)],
+    )
+    try:
+        existing = Automation.read(name=DRIFT_AUTOMATION)
+    except ValueError:  # none by that name
+        existing = None
+    if existing is None:
+        return automation.create().id
+    automation.id = existing.id
+    automation.update()
+    return existing.id
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,11 +7,12 @@ itself runs per stage, so `dvc.lock` and the DVC cache come out exactly as after
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import queue
-import signal
+import re
 import subprocess
 import sys
 import threading
@@ -20,15 +21,25 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+from dvc.dependency.param import ParamsDependency
+from dvc.repo import Repo
+from dvc.utils.serialize import modify_yaml
 
+from pipeline.procs import stop_process_group, venv_bin
 from vae_mlops import atomic
 from vae_mlops.errors import VaeMlopsError
-from vae_mlops.params import apply_overrides, read_raw
+from vae_mlops.params import load_raw, read_raw
+from vae_mlops.paths import Paths
 
 TRAIN = "train"
 LOCK_SCHEMA = "2.0"
 MAX_HANDOFF_FILE = 256 * 1024  # uncached outputs larger than this stay on the worker
 LOCK_ENTRY_KEYS = ("cmd", "deps", "params", "outs", "md5", "frozen", "always_changed", "desc", "meta")
+# a lock entry's hash fields, as DVC 3 writes them: a file's md5, or a folder's md5 + ".dir" with its file count
+HASH_KEYS = {"path", "hash", "md5", "size", "nfiles"}
+FILE_MD5 = re.compile(r"[0-9a-f]{32}")
+DIR_MD5 = re.compile(r"[0-9a-f]{32}\.dir")
+RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class CommandFailed(VaeMlopsError):
@@ -46,8 +57,7 @@ def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def dvc_bin() -> str:
-    local = Path(sys.executable).parent / "dvc"
-    return str(local) if local.exists() else "dvc"
+    return venv_bin("dvc")
 
 
 def run_logged(
@@ -99,21 +109,6 @@ def run_logged(
     return out
 
 
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after `grace_s`."""
-    if proc.poll() is not None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(wait_s)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def repro(stage: str, root: Path, logger, timeout_s: float, env: Mapping[str, str] | None = None) -> bool:
     """`dvc repro --single-item <stage>`; True if the stage ran, False if DVC found it up to date."""
     out = run_logged([dvc_bin(), "repro", "--single-item", stage], root, logger, timeout_s, env)
@@ -144,7 +139,7 @@ def split_at_train(stages: list[str]) -> tuple[list[str], list[str]]:
 
 def flat_raw(params_file: Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`params.yaml` as written (no type coercion) with overrides applied, as dotted keys."""
-    raw = apply_overrides(read_raw(params_file), overrides or {})
+    raw = load_raw(params_file, overrides)
     return {f"{s}.{k}": v for s, sec in raw.items() if isinstance(sec, dict) for k, v in sec.items()}
 
 
@@ -155,7 +150,6 @@ def set_params(params_file: Path, values: Mapping[str, Any]) -> list[str]:
     is already equal (same type too) is left alone, so the file only changes when
     a value does.
     """
-    from dvc.utils.serialize import modify_yaml
 
     current = flat_raw(params_file)
     changed = [k for k, v in values.items() if k not in current or type(current[k]) is not type(v) or current[k] != v]
@@ -177,7 +171,6 @@ def read_lock(root: Path) -> dict[str, Any]:
 
 def merge_lock(root: Path, entries: Mapping[str, Any]) -> None:
     """Put stage entries (as another checkout's `dvc.lock` holds them) into this checkout's `dvc.lock`."""
-    from dvc.utils.serialize import modify_yaml
 
     path = root / "dvc.lock"
     if not path.exists():
@@ -195,8 +188,6 @@ def stage_outputs(root: Path, stage: str) -> list[tuple[str, bool]]:
 
 def _stage_paths(root: Path, stage: str) -> dict[str, Any]:
     """The stage as this checkout's `dvc.yaml` declares it: cmd, deps and outs (path, cached)."""
-    from dvc.dependency.param import ParamsDependency
-    from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
         for st in repo.index.stages:
@@ -205,8 +196,25 @@ def _stage_paths(root: Path, stage: str) -> dict[str, Any]:
                     "cmd": st.cmd,
                     "deps": {str(dep.def_path) for dep in st.deps if not isinstance(dep, ParamsDependency)},
                     "outs": [(str(out.def_path), bool(out.use_cache)) for out in st.outs],
+                    # what `dvc.lock` records for the params: {file: {key: value in this checkout}}
+                    "params": {str(dep.def_path): _declared_values(dep.read_params(flatten=False), dep.params)
+                               for dep in st.deps if isinstance(dep, ParamsDependency)},
                 }  # fmt: skip
     raise ValueError(f"no stage '{stage}' in {root / 'dvc.yaml'}")
+
+
+def _declared_values(raw: Mapping[str, Any], keys: list[str]) -> dict[str, Any]:
+    """{declared key: its value}, a dotted key read through its sections, as `dvc.lock` records it.
+
+    `raw` is the params file as DVC's own parser reads it, so values compare as DVC wrote them.
+    """
+    values = {}
+    for key in keys:
+        node: Any = raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        values[key] = node
+    return values
 
 
 def handoff(root: Path, stage: str, extra_files: list[Path] = ()) -> dict[str, Any]:
@@ -233,13 +241,30 @@ class HandoffRefused(VaeMlopsError):
     """A worker's hand-off names something other than the stage's own outputs; nothing was written."""
 
 
+def train_outputs(root: Path) -> dict[str, str]:
+    """What the train stage writes, each "file" or "folder" (from `Paths`, the one place for paths)."""
+    paths = Paths(root)
+    kinds = {paths.model_file: "file", paths.checkpoints_dir: "folder", paths.train_images_dir: "folder",
+             paths.train_run_file: "file", paths.history_file: "file"}  # fmt: skip
+    return {str(path.relative_to(paths.root)): kind for path, kind in kinds.items()}
+
+
+def handoff_text_files(root: Path) -> set[str]:
+    """The only files a hand-off may carry as text: train's small text outputs, nothing else."""
+    paths = Paths(root)
+    return {str(p.relative_to(paths.root)) for p in (paths.history_file, paths.train_run_file)}
+
+
 def check_handoff(root: Path, data: Any, stage: str = TRAIN) -> tuple[dict[str, Any], dict[Path, str]]:
     """The hand-off's lock entry and files (as paths under `root`), or `HandoffRefused` listing every problem.
 
-    Only `stage`'s `dvc.lock` entry is accepted, and only if its cmd, deps and outs
-    are the ones this checkout's `dvc.yaml` declares; only files that are the
-    stage's declared outputs, as relative paths inside `root` (no absolute path,
-    no `..`, no symlink leading out), are accepted.
+    Only `stage`'s `dvc.lock` entry is accepted, and only if every field is what
+    this checkout's `dvc.yaml` and `params.yaml` say (cmd, deps, params, each out
+    with the hash fields of its kind, file or folder). Only train's small text
+    outputs are accepted as files, as relative paths inside `root` (no absolute
+    path, no `..`, no symlink leading out, not onto a folder), each matching the
+    md5 and size its lock entry records; `mlflow_run.json` must be what train
+    writes (a run id, its experiment and tracking URI).
     """
     problems: list[str] = []
     if not isinstance(data, Mapping):
@@ -254,7 +279,11 @@ def check_handoff(root: Path, data: Any, stage: str = TRAIN) -> tuple[dict[str, 
     problems += [f"lock entry for stage {name!r}: only '{stage}' is adopted from a worker" for name in lock if name != stage]
     entry = lock.get(stage)
     if entry is not None:
-        problems += _lock_entry_problems(entry, declared, stage)
+        problems += _lock_entry_problems(entry, declared, stage, root)
+        if stage == TRAIN:
+            problems += _out_kind_problems(entry, train_outputs(root), stage)
+    recorded = _recorded_outs(entry)
+    text_files = handoff_text_files(root) if stage == TRAIN else outs
     real_root = root.resolve()
     accepted: dict[Path, str] = {}
     for rel, text in files.items():
@@ -268,9 +297,15 @@ def check_handoff(root: Path, data: Any, stage: str = TRAIN) -> tuple[dict[str, 
             problems.append(f"{where}: not a plain relative path (`..`, `.` or redundant separators)")
         elif rel not in outs:
             problems.append(f"{where}: not an output of stage '{stage}' ({', '.join(sorted(outs))})")
+        elif rel not in text_files:
+            problems.append(f"{where}: '{stage}' writes it as a binary file or a folder; only "
+                            f"{', '.join(sorted(text_files))} travel as text")  # fmt: skip
         elif not (root / rel).resolve().is_relative_to(real_root):
             problems.append(f"{where}: leads out of {root} through a symlink")
+        elif (root / rel).is_dir():
+            problems.append(f"{where}: a folder in this checkout; the hand-off would replace it with a file")
         else:
+            problems += [f"{where}: {p}" for p in _text_problems(rel, text, recorded.get(rel), root, entry is not None)]
             accepted[root / rel] = text
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
@@ -281,20 +316,123 @@ def check_handoff(root: Path, data: Any, stage: str = TRAIN) -> tuple[dict[str, 
     return ({stage: entry} if entry else {}), accepted
 
 
-def _lock_entry_problems(entry: Any, declared: Mapping[str, Any], stage: str) -> list[str]:
-    """What in a `dvc.lock` entry differs from the stage this checkout declares."""
+def _lock_entry_problems(entry: Any, declared: Mapping[str, Any], stage: str, root: Path | None = None) -> list[str]:
+    """What in a `dvc.lock` entry differs from the stage this checkout declares (every field is checked)."""
     if not isinstance(entry, Mapping):
         return [f"lock entry for '{stage}' is not an object"]
-    problems = [f"lock entry for '{stage}': unexpected key {k!r}" for k in entry if k not in LOCK_ENTRY_KEYS]
+    where = f"lock entry for '{stage}'"
+    problems = [f"{where}: unexpected key {k!r}" for k in entry if k not in LOCK_ENTRY_KEYS]
     if entry.get("cmd") != declared["cmd"]:
-        problems.append(f"lock entry for '{stage}': cmd {entry.get('cmd')!r} is not dvc.yaml's {declared['cmd']!r}")
+        problems.append(f"{where}: cmd {entry.get('cmd')!r} is not dvc.yaml's {declared['cmd']!r}")
     for kind, allowed in (("outs", {path for path, _ in declared["outs"]}), ("deps", declared["deps"])):
-        items = entry.get(kind) or []
-        paths = [item.get("path") if isinstance(item, Mapping) else None for item in items] if isinstance(items, list) else [None]
-        for path in paths:
-            if path not in allowed:
-                problems.append(f"lock entry for '{stage}': {kind[:-1]} {path!r} is not declared in dvc.yaml")
+        items = entry.get(kind)
+        if not isinstance(items, list):
+            problems.append(f"{where}: {kind} is not a list")
+            continue
+        seen: list[str] = []
+        for item in items:
+            path = item.get("path") if isinstance(item, Mapping) else None
+            if not isinstance(path, str) or path not in allowed:
+                problems.append(f"{where}: {kind[:-1]} {path!r} is not declared in dvc.yaml")
+                continue
+            seen.append(path)
+            problems += [f"{where}: {kind[:-1]} {path!r}: {p}" for p in _hash_problems(item)]
+        problems += [f"{where}: {kind[:-1]} {p!r} is listed twice" for p in sorted({p for p in seen if seen.count(p) > 1})]
+        if kind == "outs":
+            problems += [f"{where}: out {p!r} is missing" for p in sorted(allowed - set(seen))]
+    for key in ("frozen", "always_changed"):
+        if key in entry and not isinstance(entry[key], bool):
+            problems.append(f"{where}: {key} is not true or false")
+    if "md5" in entry and not (isinstance(entry["md5"], str) and FILE_MD5.fullmatch(entry["md5"])):
+        problems.append(f"{where}: md5 {entry['md5']!r} is not an md5")
+    if "desc" in entry and not isinstance(entry["desc"], str):
+        problems.append(f"{where}: desc is not text")
+    if root is not None:
+        problems += _params_problems(entry.get("params"), declared.get("params", {}), where)
     return problems
+
+
+def _hash_problems(item: Mapping[str, Any]) -> list[str]:
+    """A dep or out as DVC 3 writes it: `hash: md5`, an md5 (`.dir` for a folder), a size, a folder's file count."""
+    problems = [f"unexpected key {k!r}" for k in item if k not in HASH_KEYS]
+    md5, size, nfiles = item.get("md5"), item.get("size"), item.get("nfiles")
+    if item.get("hash", "md5") != "md5":
+        problems.append(f"hash {item.get('hash')!r} is not md5")
+    if not isinstance(md5, str) or not (FILE_MD5.fullmatch(md5) or DIR_MD5.fullmatch(md5)):
+        problems.append(f"md5 {md5!r} is not an md5")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        problems.append(f"size {size!r} is not a byte count")
+    if nfiles is not None and (not isinstance(nfiles, int) or isinstance(nfiles, bool) or nfiles < 0):
+        problems.append(f"nfiles {nfiles!r} is not a file count")
+    if isinstance(md5, str) and FILE_MD5.fullmatch(md5) and nfiles is not None:
+        problems.append("a file's entry with a file count")
+    return problems
+
+
+def _params_problems(params: Any, declared: Mapping[str, Any], where: str) -> list[str]:
+    """The entry's params must be exactly the stage's declared keys, with this checkout's params.yaml values."""
+    if not declared:
+        return []
+    if not isinstance(params, Mapping) or set(params) != set(declared):
+        return [f"{where}: params must hold {', '.join(sorted(declared))} only"]
+    problems = []
+    for file, expected in declared.items():
+        got = params[file]
+        if not isinstance(got, Mapping):
+            problems.append(f"{where}: params of {file} are not an object")
+            continue
+        problems += [f"{where}: param {k!r} of {file} is not one the stage declares" for k in got if k not in expected]
+        problems += [f"{where}: param {k!r} of {file} is missing" for k in expected if k not in got]
+        problems += [f"{where}: param {k!r} is {got[k]!r}, but this checkout's {file} has {v!r}"
+                     for k, v in expected.items() if k in got and got[k] != v]  # fmt: skip
+    return problems
+
+
+def _out_kind_problems(entry: Any, kinds: Mapping[str, str], stage: str) -> list[str]:
+    """Each out of the entry recorded as what the stage writes there: a file's md5, or a folder's `.dir` md5."""
+    problems = []
+    for path, item in _recorded_outs(entry).items():
+        md5 = item.get("md5")
+        if path in kinds and isinstance(md5, str):
+            folder = md5.endswith(".dir")
+            if folder != (kinds[path] == "folder"):
+                problems.append(f"lock entry for '{stage}': out {path!r} is recorded as a "
+                                f"{'folder' if folder else 'file'}, but '{stage}' writes a {kinds[path]} there")  # fmt: skip
+    return problems
+
+
+def _recorded_outs(entry: Any) -> dict[str, Mapping[str, Any]]:
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("outs"), list):
+        return {}
+    return {o["path"]: o for o in entry["outs"] if isinstance(o, Mapping) and isinstance(o.get("path"), str)}
+
+
+def _text_problems(rel: str, text: str, recorded: Mapping[str, Any] | None, root: Path, has_entry: bool) -> list[str]:
+    """A text file must be the one its lock entry records (md5, size); `mlflow_run.json` must be what train writes."""
+
+    problems = []
+    data = text.encode()
+    if has_entry:
+        if recorded is None:
+            problems.append("its lock entry records no such out")
+        elif recorded.get("md5") != hashlib.md5(data).hexdigest() or recorded.get("size", len(data)) != len(data):
+            problems.append("its content is not the file the lock entry records (md5/size differ)")
+    if rel == str(Paths(root).train_run_file.relative_to(Paths(root).root)):
+        try:
+            run = json.loads(text)
+        except ValueError:
+            run = None
+        if not (isinstance(run, dict) and set(run) == {"run_id", "experiment_id", "tracking_uri", "experiment"}
+                and all(isinstance(v, str) for v in run.values()) and RUN_ID.fullmatch(run["run_id"])):  # fmt: skip
+            problems.append("not what train writes there (a JSON object: run_id, experiment_id, tracking_uri, experiment)")
+        elif run["experiment"] != _experiment(root):
+            problems.append(f"names experiment {run['experiment']!r}, not this checkout's {_experiment(root)!r}")
+    return problems
+
+
+def _experiment(root: Path) -> Any:
+    raw = read_raw(root / "params.yaml")
+    return (raw.get("mlflow") or {}).get("experiment")
 
 
 def check_upstream(root: Path, entries: Any, stages: list[str]) -> dict[str, Any]:
@@ -305,7 +443,7 @@ def check_upstream(root: Path, entries: Any, stages: list[str]) -> dict[str, Any
                 for name in entries if name not in stages]  # fmt: skip
     for name, entry in entries.items():
         if name in stages:
-            problems += _lock_entry_problems(entry, _stage_paths(root, name), name)
+            problems += _lock_entry_problems(entry, _stage_paths(root, name), name, root)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise HandoffRefused(f"refused the upstream lock entries; nothing was written:\n{lines}")

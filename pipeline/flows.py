@@ -33,10 +33,10 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Cancelling
 from prefect.tasks import exponential_backoff
 
-from pipeline import dvcrun
+from pipeline import dvcrun, notify
 from vae_mlops import cli_args
 from vae_mlops.errors import VaeMlopsError
-from vae_mlops.params import Params, ParamsError, apply_overrides, parse_params, read_raw
+from vae_mlops.params import Params, ParamsError, load_params
 from vae_mlops.paths import Paths
 
 PIPELINE_FLOW = "vae-pipeline"
@@ -129,9 +129,7 @@ def merge_overrides(overrides: Mapping[str, Any] | None = None, **named: Any) ->
 
 def validate(root: Path, overrides: Mapping[str, Any]) -> Params:
     """params.yaml with the overrides applied, validated: every problem in one `ParamsError`."""
-    params_file = root / "params.yaml"
-    source = f"{params_file} with overrides {dict(overrides)}" if overrides else str(params_file)
-    return parse_params(apply_overrides(read_raw(params_file), overrides), source)
+    return load_params(root / "params.yaml", overrides)
 
 
 def retry_policy(params: Params) -> tuple[int, float]:
@@ -197,7 +195,12 @@ def resolve_remote(dvc_remote: str | None) -> str:
     return (os.environ.get(REMOTE_ENV, "") if dvc_remote is None else dvc_remote).strip()
 
 
-@flow(name=TRAIN_FLOW, description="Train the VAE (the `train` DVC stage), on whatever machine runs it.")
+@flow(
+    name=TRAIN_FLOW,
+    description="Train the VAE (the `train` DVC stage), on whatever machine runs it.",
+    on_failure=[notify.on_run_failed],
+    on_crashed=[notify.on_run_failed],
+)
 def vae_train(
     overrides: dict[str, Any] | None = None,
     dvc_remote: str | None = None,
@@ -338,7 +341,13 @@ def train_step(params: Params, root: Path, overrides: dict[str, Any], remote: st
 # ---------------------------------------------------------------- the pipeline flow
 
 
-@flow(name=PIPELINE_FLOW, description="download -> train -> evaluate -> register, each a DVC stage.")
+@flow(
+    name=PIPELINE_FLOW,
+    description="download -> train -> evaluate -> register, each a DVC stage.",
+    on_completion=[notify.on_pipeline_completed],  # a promotion or a gate refusal
+    on_failure=[notify.on_run_failed],
+    on_crashed=[notify.on_run_failed],
+)
 def vae_pipeline(
     overrides: dict[str, Any] | None = None,
     epochs: int | None = None,

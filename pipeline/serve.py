@@ -6,6 +6,13 @@ default 4200; its database under `PREFECT_HOME`), or reuses one already
 answering there. Then it creates the work pools and deployments
 (`pipeline.deploy`) and runs a `process` worker on the cpu pool until Ctrl-C,
 which stops the worker and any server it started.
+
+A server it starts asks for an auth string (Prefect's `PREFECT_SERVER_API_AUTH_STRING`),
+generated once into `.credentials/local.env`; the worker and this process send it
+(`PREFECT_API_AUTH_STRING`). A server found already answering on the port is used
+only if it refuses a request without that string and accepts one with it: any
+local account can start a server on a free port, and the root worker would then
+run whatever deployments it serves.
 """
 
 from __future__ import annotations
@@ -16,14 +23,19 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_API_PORT, temporary_settings
+from prefect.settings import (
+    PREFECT_API_AUTH_STRING,
+    PREFECT_API_URL,
+    PREFECT_HOME,
+    PREFECT_SERVER_API_PORT,
+    temporary_settings,
+)
 
-from pipeline import deploy, dvcrun
+from pipeline import deploy, dvcrun, local_auth, procs
 from pipeline.flows import resolve_root
 from vae_mlops import cli_args
 from vae_mlops.errors import VaeMlopsError
@@ -38,16 +50,22 @@ class ServerError(VaeMlopsError):
 
 
 def prefect_bin() -> str:
-    local = Path(sys.executable).parent / "prefect"
-    return str(local) if local.exists() else "prefect"
+    return procs.venv_bin("prefect")
 
 
 def healthy(api_url: str, timeout_s: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout_s) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
+    return procs.http_ok(f"{api_url}/health", timeout_s)
+
+
+def status_of(url: str, auth_string: str | None = None, timeout_s: float = 10.0) -> int | None:
+    """The HTTP status of POST `url` (Prefect's basic `Authorization` when given); None when nothing answers."""
+    return procs.http_status(url, auth_string, "POST", timeout_s)
+
+
+def guarded_by(api_url: str, auth_string: str) -> bool:
+    """The server refuses a request without `auth_string` (401) and answers one with it."""
+    url = f"{api_url}/flows/count"
+    return status_of(url) == 401 and status_of(url, auth_string) == 200
 
 
 def port_in_use(port: int) -> bool:
@@ -62,19 +80,26 @@ def process_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str,
 
 def stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
     """SIGTERM the process group, then SIGKILL what is left."""
-    dvcrun.stop_process_group(proc, grace_s)
+    procs.stop_process_group(proc, grace_s)
 
 
 @contextmanager
 def local_server(
-    home: Path, port: int, ui: bool = True, extra_env: Mapping[str, str] | None = None
+    home: Path, port: int, auth_string: str, ui: bool = True, extra_env: Mapping[str, str] | None = None
 ) -> Iterator[str]:
-    """A Prefect server on 127.0.0.1:`port` with its sqlite database under `home`; yields its API URL.
+    """A Prefect server on 127.0.0.1:`port` asking for `auth_string`, its sqlite database under `home`.
 
-    A Prefect server already answering on that port is reused and left running.
+    Yields its API URL. A Prefect server already answering on that port is reused
+    (and left running) only if it asks for the same string.
     """
     api_url = f"http://{HOST}:{port}/api"
     if healthy(api_url):
+        if not guarded_by(api_url, auth_string):
+            raise ServerError(
+                f"a Prefect server already answers on {HOST}:{port} but does not ask for this project's auth string "
+                f"({local_auth.folder() / local_auth.FILE_NAME}); it may be another account's. Stop it, or set "
+                "PREFECT_SERVER_API_PORT to a free port"
+            )
         yield api_url
         return
     if port_in_use(port):
@@ -85,7 +110,8 @@ def local_server(
     cmd.append("--ui" if ui else "--no-ui")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            cmd, env=process_env(home, {"PREFECT_API_URL": api_url, **(extra_env or {})}),
+            cmd, env=process_env(home, {"PREFECT_API_URL": api_url, **(extra_env or {}),
+                                        "PREFECT_SERVER_API_AUTH_STRING": auth_string}),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
     try:
@@ -136,11 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     home = Path(PREFECT_HOME.value()).expanduser()
     with ExitStack() as stack:
         api_url = PREFECT_API_URL.value()
+        auth_string = PREFECT_API_AUTH_STRING.value()
         if not api_url:
             port = args.port or int(PREFECT_SERVER_API_PORT.value())
-            api_url = stack.enter_context(local_server(home, port))
-            print(f"Prefect server on {api_url} (UI http://{HOST}:{port}); log {home / 'server.log'}", flush=True)
-        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
+            try:
+                auth_string = local_auth.prefect_env()["PREFECT_API_AUTH_STRING"]
+                api_url = stack.enter_context(local_server(home, port, auth_string))
+            except (local_auth.CredentialsError, ServerError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            print(f"Prefect server on {api_url} (UI http://{HOST}:{port}; its auth string is "
+                  f"VAE_LOCAL_PREFECT_AUTH_STRING in {local_auth.folder() / local_auth.FILE_NAME}); "
+                  f"log {home / 'server.log'}", flush=True)  # fmt: skip
+        updates = {PREFECT_API_URL: api_url, **({PREFECT_API_AUTH_STRING: auth_string} if auth_string else {})}
+        stack.enter_context(temporary_settings(updates=updates))
         try:
             ids = deploy.deploy_all(root, params)
         except deploy.SourceError as exc:  # not a git checkout with a commit: nothing to pin
@@ -153,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             f"worker on pool '{params.orchestrate.cpu_pool}'. Ctrl-C stops it.",
             flush=True,
         )
-        worker = start_worker(params.orchestrate.cpu_pool, api_url, home)
+        worker = start_worker(params.orchestrate.cpu_pool, api_url, home,
+                              extra_env={"PREFECT_API_AUTH_STRING": auth_string} if auth_string else None)
         try:
             return worker.wait()
         except KeyboardInterrupt:

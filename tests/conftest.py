@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_mirror(tmp_path_factory) -> Path:
-    """A folder holding the tiny dataset's four gzipped IDX files; registered as dataset `tiny`."""
+def tiny_mirror(tmp_path_factory) -> Iterator[Path]:
+    """A folder holding the tiny dataset's four gzipped IDX files; registered as dataset `tiny`.
+
+    The registration (`VAE_EXTRA_DATASETS`) is undone when the session ends. A test that uses the
+    dataset `tiny` asks for this fixture (or `tiny_params`, `data_env`): run alone, it fails otherwise.
+    """
     base = tmp_path_factory.mktemp("tiny-data")
     specs = make_dataset(base / "mirror", "tiny")
-    os.environ["VAE_EXTRA_DATASETS"] = str(register(specs, base / "datasets.yaml"))
-    return base / "mirror"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VAE_EXTRA_DATASETS", str(register(specs, base / "datasets.yaml")))
+        yield base / "mirror"
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from tests.support.synthetic import NAMES, digits, idx_bytes
 from vae_mlops import checkpoint, metrics
 from vae_mlops.params import parse_params
 from vae_mlops.paths import Paths
-from vae_mlops.stages.evaluate import load_test_split
+from vae_mlops.stage_inputs import load_test_split
 
 pytestmark = pytest.mark.slow
 

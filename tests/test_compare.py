@@ -15,6 +15,7 @@ import yaml
 from tests.support.e2e import copy_project, dvc
 from tests.support.mlflow_store import fresh_store
 from tests.support.project import tiny_raw_params
+from tests.support.requires import require
 from vae_mlops import cli, compare, tracking
 from vae_mlops.model import VAE, VAEConfig
 from vae_mlops.params import EvaluateParams
@@ -40,8 +41,7 @@ CFG = EvaluateParams(iwae_samples=8, batch_size=100, seed=0, n_clusters=10, late
 
 def render(html: Path, tmp_path: Path) -> dict[str, str]:
     """Open the page in headless Chromium; what it drew: `images` ("drawn/total") and `metric-rows`."""
-    if not CHROMIUM.exists():
-        pytest.skip("Chromium is not installed: `make setup` installs Debian's chromium")
+    require(CHROMIUM.exists(), f"Chromium ({CHROMIUM})", "`make setup` installs Debian's chromium")
     tmp_path.mkdir(parents=True, exist_ok=True)
     probed = tmp_path / "probed.html"
     probed.write_text(html.read_text().replace("</body>", PROBE + "</body>"))

@@ -15,34 +15,25 @@ import time
 import pytest
 
 from tests.support.mlflow_store import mlflow_server
-from tests.test_registry import WORKER
+from tests.test_registry import workers
 from vae_mlops import registry, tracking
 
 pytestmark = pytest.mark.slow
 
 
 def test_two_registrations_at_once_against_a_server_leave_one_champion_and_both_decisions(tmp_path):
-    (tmp_path / "worker.py").write_text(WORKER)
-    go = tmp_path / "go"
+    """The overlap is forced: both read "no champion" and decide, then the worse one's alias is written last."""
     with mlflow_server(tmp_path / "mlflow") as server:
-        client = tracking._client(server.url)
-        experiment = tracking._experiment_id(client, "race", server.url)
+        client = tracking.mlflow_client(server.url)
+        experiment = tracking.ensure_experiment(client, "race", server.url)
         runs = [client.create_run(experiment).info.run_id for _ in range(2)]
-        procs = [
-            subprocess.Popen(
-                [sys.executable, str(tmp_path / "worker.py"), server.url, run, value,
-                 str(tmp_path / f"promotions-{i}.jsonl"), str(tmp_path / f"ready{i}"), str(go)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )
-            for i, (run, value) in enumerate(zip(runs, ("100.0", "90.0")))
-        ]  # fmt: skip
-        deadline = time.monotonic() + 300
-        while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            time.sleep(0.05)
-        go.touch()  # both start the gate now
-        outs = [p.communicate(timeout=300) for p in procs]
+        logs = [tmp_path / f"promotions-{i}.jsonl" for i in range(2)]
+        # worker 0 (90, the better) sets its alias first, worker 1 (100) overwrites it: settling must repair that
+        with workers(tmp_path, server.url, runs, ("90.0", "100.0"), logs, "race") as (procs, sync):
+            (sync / "go").touch()
+            outs = [p.communicate(timeout=300) for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outs
+        assert all((sync / f"set-{i}").exists() for i in range(2)), "the workers did not meet at the barrier"
         reg = tracking.ModelRegistry("race", server.url)
         aliases = reg.aliases()
         history = registry.registry_history(reg)

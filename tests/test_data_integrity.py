@@ -17,7 +17,7 @@ from vae_mlops.params import DataParams
 from vae_mlops.paths import Paths
 from vae_mlops.stages.download import download as run_download
 
-CFG = DataParams(dataset="tiny", timeout_s=2.0, retries=2)
+CFG = DataParams(dataset="tiny", timeout_s=2.0, retries=2, snapshots=[], incoming_max_fraction=0.2, incoming_holdout=0.2)
 
 
 def copy_mirror(src: Path, dst: Path) -> Path:
@@ -37,7 +37,7 @@ def test_valid_mirror_gives_verified_data_and_table(data_env, tmp_path):
     manifest = run_download(CFG, Paths(tmp_path))
     raw = tmp_path / "data" / "raw" / "tiny"
     assert sorted(p.name for p in raw.iterdir()) == sorted(
-        [*NAMES.values(), "images.parquet", "manifest.json"]
+        [*NAMES.values(), "manifest.json"]  # the per-image table is validated in memory, not written
     )
     images, labels = load_split(raw, get_dataset("tiny"), "train")
     assert images.shape == (600, 784) and labels.max() <= 9
@@ -45,9 +45,12 @@ def test_valid_mirror_gives_verified_data_and_table(data_env, tmp_path):
 
 
 def test_second_run_downloads_nothing(data_env, tmp_path, monkeypatch):
-    run_download(CFG, Paths(tmp_path))
-    monkeypatch.setenv("VAE_DATA_MIRROR", str(tmp_path / "no-such-mirror"))
-    run_download(CFG, Paths(tmp_path))  # would fail if it tried to fetch
+    first = run_download(CFG, Paths(tmp_path))
+    raw = tmp_path / "data" / "raw" / "tiny"
+    written = {p.name: p.stat().st_mtime_ns for p in raw.iterdir()}
+    monkeypatch.setenv("VAE_DATA_MIRROR", str(tmp_path / "no-such-mirror"))  # any fetch would fail
+    assert run_download(CFG, Paths(tmp_path)) == first
+    assert {p.name: p.stat().st_mtime_ns for p in raw.iterdir()} == written  # not one file rewritten
 
 
 def test_raw_files_work_as_well_as_gzipped(tiny_mirror, tmp_path, monkeypatch):
@@ -56,7 +59,13 @@ def test_raw_files_work_as_well_as_gzipped(tiny_mirror, tmp_path, monkeypatch):
     for f in tiny_mirror.iterdir():
         (raw_mirror / f.name.removesuffix(".gz")).write_bytes(gzip.decompress(f.read_bytes()))
     monkeypatch.setenv("VAE_DATA_MIRROR", f"file://{raw_mirror}")
-    run_download(CFG, Paths(tmp_path / "proj"))
+    from_raw = run_download(CFG, Paths(tmp_path / "raw"))
+    monkeypatch.setenv("VAE_DATA_MIRROR", str(tiny_mirror))
+    from_gzip = run_download(CFG, Paths(tmp_path / "gzip"))
+    assert from_raw == from_gzip  # the same files, checksums and data hash
+    for split in ("train", "test"):
+        a, b = (load_split(tmp_path / kind / "data" / "raw" / "tiny", get_dataset("tiny"), split) for kind in ("raw", "gzip"))
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
 def _replace(mirror: Path, name: str, content: bytes) -> None:

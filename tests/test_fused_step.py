@@ -219,7 +219,7 @@ def test_bf16_trains_to_a_finite_loss_close_to_float32s(train_params, fused):
     assert bf16[-1]["val_loss"] == pytest.approx(full[-1]["val_loss"], rel=0.02)
 
 
-def test_the_chosen_precision_is_logged_and_tagged(tmp_path: Path, caplog):
+def test_the_chosen_precision_is_logged_and_tagged(tmp_path: Path, caplog, tiny_mirror):  # params name `tiny`
     params = parse_params(tiny_raw_params(**{"train.precision": "auto"}))
     chosen = resolve_precision("auto", torch.device("cpu"))
     tags = tracking.run_tags(params, Paths(tmp_path), "cpu", {"data_hash": "0" * 64, "files": {}})

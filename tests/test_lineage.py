@@ -14,7 +14,9 @@ reads beside itself (`Path(__file__).with_name("served_model.py")`) is a dep too
 from __future__ import annotations
 
 import ast
+import fnmatch
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -204,8 +206,8 @@ def test_the_derivation_follows_imports_inside_functions_and_skips_type_checking
     assert found == {"vae_mlops.pyfunc", "vae_mlops.params"}
 
 
-def test_train_runs_the_modules_the_issue_named():
-    """The deps the old dvc.yaml missed (issue 11, item 2) are found by the derivation."""
+def test_train_runs_the_modules_it_reaches_through_helpers():
+    """Modules train, evaluate and register run through helpers (not named in cli.py) are found by the derivation."""
     assert {f"src/vae_mlops/{m}.py" for m in ("checkpoint", "data", "images", "distributed", "params")} <= stage_code(
         "train"
     )
@@ -252,9 +254,36 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
+def _dvcignored(root: Path) -> list[str]:
+    """`.dvcignore`'s patterns (names and globs; a trailing `/` names a folder)."""
+    path = root / ".dvcignore"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def _dir_md5(folder: Path, root: Path) -> str:
+    """The `md5: <hex>.dir` DVC records for a folder dep: the md5 of its sorted file list, as JSON.
+
+    Each entry is {"md5": md5 of the file's bytes, "relpath": its path in the folder}, sorted by relpath and
+    dumped with sorted keys (DVC's `Tree.as_bytes`); files `.dvcignore` names are not in it.
+    """
+    ignored = _dvcignored(root)
+
+    def skip(rel: Path) -> bool:
+        return any(fnmatch.fnmatch(part, pat.rstrip("/")) for pat in ignored for part in rel.parts)
+
+    entries = [
+        {"md5": _md5(f), "relpath": f.relative_to(folder).as_posix()}
+        for f in folder.rglob("*")
+        if f.is_file() and not skip(f.relative_to(folder))
+    ]
+    listing = json.dumps(sorted(entries, key=lambda e: e["relpath"]), sort_keys=True).encode()
+    return hashlib.md5(listing).hexdigest() + ".dir"
+
+
 def lock_problems(root: Path) -> list[str]:
     """Where `root`'s dvc.lock disagrees with its dvc.yaml (stages, cmd, deps, params keys), params.yaml
-    (params values) and the tree (md5 of each code dep; a folder dep is checked by `dvc status`)."""
+    (params values) and the tree (md5 of each code dep, file or folder)."""
     params = yaml.safe_load((root / "params.yaml").read_text())
     yaml_stages = yaml.safe_load(_render((root / "dvc.yaml").read_text(), params))["stages"]
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
@@ -271,6 +300,8 @@ def lock_problems(root: Path) -> list[str]:
         for path, dep in deps.items():
             if path.startswith("src/") and (root / path).is_file() and dep.get("md5") != _md5(root / path):
                 problems.append(f"{name}: {path} changed since dvc.lock recorded it")
+            if path.startswith("src/") and (root / path).is_dir() and dep.get("md5") != _dir_md5(root / path, root):
+                problems.append(f"{name}: {path}/ changed since dvc.lock recorded it")
         locked = got.get("params", {}).get("params.yaml", {})
         if set(locked) != set(want.get("params", [])):
             problems.append(f"{name}: params {sorted(locked)} != dvc.yaml {sorted(want.get('params', []))}")
@@ -299,3 +330,28 @@ def test_the_lock_check_agrees_with_dvc_status_in_a_fresh_project(tiny_mirror, t
     edited.write_text(edited.read_text() + "\n# an edit\n")
     assert "download: src/vae_mlops/datasets.py changed since dvc.lock recorded it" in lock_problems(repo)
     assert "src/vae_mlops/datasets.py" in dvc("status", "download", cwd=repo).stdout  # DVC reruns it too
+
+
+def test_a_folder_dep_is_hashed_as_dvc_hashes_it_and_an_edit_in_it_is_named(tmp_path):
+    """`lock_problems` checks folder deps too (a likelihood edited in `likelihoods/` makes the lock stale)."""
+    from tests.support.e2e import dvc
+
+    pkg = tmp_path / "src" / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__pycache__").mkdir()
+    (pkg / "a.py").write_text("A = 1\n")
+    (pkg / "sub" / "b.py").write_text("B = 2\n")
+    (pkg / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0compiled")  # .dvcignore'd, as in the project
+    (tmp_path / ".dvcignore").write_text((ROOT / ".dvcignore").read_text())
+    dvc("init", "--no-scm", cwd=tmp_path)
+    dvc("add", "src/pkg", cwd=tmp_path)
+    dvc_md5 = yaml.safe_load((tmp_path / "src" / "pkg.dvc").read_text())["outs"][0]["md5"]
+    assert _dir_md5(pkg, tmp_path) == dvc_md5
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": {"cmd": "true", "deps": ["src/pkg"]}}}))
+    lock = {"cmd": "true", "deps": [{"path": "src/pkg", "hash": "md5", "md5": dvc_md5}]}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"s": lock}}))
+    assert lock_problems(tmp_path) == []
+    (pkg / "sub" / "b.py").write_text("B = 3\n")
+    assert lock_problems(tmp_path) == ["s: src/pkg/ changed since dvc.lock recorded it"]

@@ -16,6 +16,8 @@ from vae_mlops.metrics import (
     active_units,
     cluster_scores,
     evaluate_model,
+    linear_probe,
+    mixture_scores,
     validate_metrics,
 )
 from vae_mlops.model import VAE, VAEConfig, elbo, iwae_log_likelihood, kl_divergence, log_normal, vae_loss
@@ -168,6 +170,35 @@ def test_clustering_is_the_same_twice_for_the_same_seed():
     assert cluster_scores(mu, labels, 10, seed=3) == cluster_scores(mu, labels, 10, seed=3)
 
 
+def test_mixture_scores_are_perfect_for_permuted_cluster_ids_and_low_for_shuffled_ones():
+    labels = torch.arange(500) % 10
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(14))
+    perfect = mixture_scores(perm[labels], labels)
+    assert perfect == {"latent.mixture_nmi": pytest.approx(1.0), "latent.mixture_ari": pytest.approx(1.0),
+                       "latent.mixture_accuracy": 1.0}  # fmt: skip
+    shuffled = mixture_scores(labels[torch.randperm(500, generator=torch.Generator().manual_seed(15))], labels)
+    assert shuffled["latent.mixture_accuracy"] < 0.3 and shuffled["latent.mixture_nmi"] < 0.15
+
+
+def test_linear_probe_reads_labels_a_line_separates_and_not_shuffled_ones():
+    mu, labels = _separated_latents()
+    fit, score = slice(0, None, 2), slice(1, None, 2)  # every blob on both sides
+    assert linear_probe(mu[fit], labels[fit], mu[score], labels[score], seed=0) == 1.0
+    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(16))]
+    assert linear_probe(mu[fit], shuffled[fit], mu[score], shuffled[score], seed=0) < 0.3
+
+
+def test_a_mixture_prior_model_reports_its_own_clusters(test_split):
+    torch.manual_seed(17)
+    model = VAE(VAEConfig(784, 32, 3, "bernoulli", prior="gmm", n_components=4)).eval()
+    x, labels = test_split
+    metrics = evaluate_model(model, x, labels, CFG)
+    assert {"latent.mixture_nmi", "latent.mixture_ari", "latent.mixture_accuracy"} <= set(metrics)
+    clusters = model.cluster_probs(x).argmax(-1)
+    assert metrics["latent.mixture_accuracy"] == mixture_scores(clusters, labels)["latent.mixture_accuracy"]
+    validate_metrics({**metrics, "latent.probe_accuracy": 0.5}, latent_dim=3)
+
+
 # ---------------------------------------------------------------- active units
 
 
@@ -190,10 +221,17 @@ def test_a_latent_dim_that_ignores_x_is_inactive(test_split):
 # ---------------------------------------------------------------- the metrics dict and its schema
 
 
-def test_metrics_have_every_key_within_range(trained, test_split):
+@pytest.fixture(scope="module")
+def train_split() -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = digits(300, seed=2)
+    return _unit(images), torch.from_numpy(labels).long()
+
+
+def test_metrics_have_every_key_within_range(trained, test_split, train_split):
     x, labels = test_split
-    metrics = evaluate_model(trained, x, labels, CFG)
-    assert list(metrics) == list(METRIC_KEYS)
+    metrics = evaluate_model(trained, x, labels, CFG, train=train_split)
+    assert list(metrics) == list(METRIC_KEYS)  # a normal prior: none of the mixture's own keys
+    assert metrics["latent.probe_accuracy"] > 0.8
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
     validate_metrics(metrics, latent_dim=4)
     assert metrics["test.nll_iwae"] <= -metrics["test.elbo"]
@@ -217,6 +255,7 @@ def _good() -> dict[str, float]:
         "latent.ari": 0.48,
         "latent.accuracy": 0.62,
         "latent.silhouette": 0.09,
+        "latent.probe_accuracy": 0.9,
     }
 
 
@@ -233,6 +272,9 @@ def _good() -> dict[str, float]:
         ("test.active_units", 21.0, "less_than_or_equal_to(20)"),
         ("test.active_units", 3.5, "integer-valued"),
         ("test.kl", "25", "must be a number"),
+        ("latent.probe_accuracy", 1.2, "in_range"),
+        ("latent.mixture_accuracy", 1.5, "in_range"),  # optional, but checked when present
+        ("latent.mixture_nmi", math.nan, "finite"),
     ],
 )
 def test_validate_metrics_rejects_a_bad_value_naming_its_key(key, value, why):

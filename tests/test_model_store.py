@@ -1,4 +1,4 @@
-"""The weights-only model format: round trip, pyfunc without pickle, and planted pickles that are never run."""
+"""The weights-only model format: round trip, the safe pyfunc loader, and planted pickles that are never run."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def _candidate(value: float, seed: int = 0, data_hash: str = "hash-1") -> regist
 def store(tmp_path) -> tracking.PipelineRun:
     """A fresh sqlite store with one pipeline run to log into."""
     uri = fresh_store(tmp_path / "store")
-    client = tracking._client(uri)
-    run_id = client.create_run(tracking._experiment_id(client, "model-store-tests", uri)).info.run_id
+    client = tracking.mlflow_client(uri)
+    run_id = client.create_run(tracking.ensure_experiment(client, "model-store-tests", uri)).info.run_id
     return tracking.PipelineRun(run_id, "1", uri)
 
 
@@ -73,19 +73,19 @@ def test_log_then_load_gives_the_same_tensors_and_config(store, likelihood):
 
 def test_test_metrics_are_linked_to_the_logged_model(store):
     uri = model_store.log_vae(store, _vae(), _images(2), {}, {METRIC: 91.5, "test.elbo": -95.0})
-    logged = tracking._client(store.uri).get_logged_model(uri.removeprefix("models:/"))
+    logged = tracking.mlflow_client(store.uri).get_logged_model(uri.removeprefix("models:/"))
     assert {m.key: m.value for m in logged.metrics} == {METRIC: 91.5, "test.elbo": -95.0}
     assert all(m.run_id == store.run_id for m in logged.metrics)
 
 
-def test_the_champion_loads_with_pyfunc_while_pickle_deserialization_is_off(store, tmp_path, monkeypatch):
+def test_the_champion_loads_safely_as_a_pyfunc_and_names_its_version(store, tmp_path, monkeypatch):
     import mlflow
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     cand = _candidate(100.0, seed=2)
     registry.register(store, cand, RegisterParams("pyfunc", METRIC, 0.0), tmp_path / "log.jsonl", _no_rescore)
-    with tracking.use_store(store.uri):
-        model = mlflow.pyfunc.load_model("models:/pyfunc@champion")
+    model = model_store.load_pyfunc("models:/pyfunc@champion", store.uri)
+    assert model.predict(_images(1))["version"] == "1"
     x = _images(5)
     xt = torch.from_numpy(x)
     with torch.no_grad():
@@ -121,7 +121,7 @@ def test_a_planted_pickle_champion_is_refused_before_comparing_and_never_unpickl
     marker = tmp_path / "pwned"
     old = _candidate(100.0)
     _make_champion(store, "planted", plant_pickle(store, marker), old)  # same data: no re-score needed
-    refused = r"refuses to compare with champion v1 of planted.*not a weights-only"
+    refused = r"refuses to compare with champion v1 of planted.*not a VAE logged by this pipeline"
     with pytest.raises(model_store.UnsafeModelError, match=refused):
         registry.register(store, _candidate(50.0, seed=1), RegisterParams("planted", METRIC, 0.0),
                           tmp_path / "log.jsonl", _no_rescore)  # fmt: skip
@@ -144,7 +144,7 @@ def test_weights_that_are_a_pickle_are_refused_without_unpickling(store, tmp_pat
     marker = tmp_path / "pwned"
     uri = model_store.log_vae(store, _vae(), _images(2), {})
     root = model_store._artifact_root(uri, store.uri)
-    weights = Path(root.removeprefix("file://")) / "artifacts" / model_store.WEIGHTS_FILE
+    weights = Path(root.removeprefix("file://")) / "data" / model_store.DATA_DIR / model_store.WEIGHTS_FILE
     weights.write_bytes(pickle.dumps(Planted(marker)))
     _make_champion(store, "forged", uri, _candidate(100.0, data_hash="old-data"))  # other data: re-score loads it
     with pytest.raises(model_store.UnsafeModelError, match="not a plain tensor state_dict"):
@@ -156,7 +156,7 @@ def test_weights_that_are_a_pickle_are_refused_without_unpickling(store, tmp_pat
 def test_load_vae_refuses_weights_that_do_not_fit_the_config(store, tmp_path):
     uri = model_store.log_vae(store, _vae(), _images(2), {})
     root = Path(model_store._artifact_root(uri, store.uri).removeprefix("file://"))
-    config = root / "artifacts" / model_store.CONFIG_FILE
+    config = root / "data" / model_store.DATA_DIR / model_store.CONFIG_FILE
     config.write_text(json.dumps({**json.loads(config.read_text()), "latent_dim": 5}))
     with pytest.raises(model_store.UnsafeModelError, match="do not fit its config"):
         model_store.load_vae(uri, store.uri)

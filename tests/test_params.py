@@ -12,7 +12,7 @@ import torch
 
 from tests.support.project import ROOT, tiny_raw_params
 from vae_mlops.errors import VaeMlopsError
-from vae_mlops.metric_catalogue import GATE_METRICS
+from vae_mlops.metric_catalogue import CATALOGUE, GATE_METRICS
 from vae_mlops.params import ParamsError, load_params, parse_params, parse_set_args
 
 
@@ -84,7 +84,8 @@ def test_unknown_missing_and_malformed_sections_are_listed_together(tiny_mirror)
 
 
 def test_unknown_key_names_the_known_keys(tiny_mirror):
-    with pytest.raises(ParamsError, match=r"model\.depth: unknown key \(known: hidden_dim, latent_dim, likelihood\)"):
+    known = "hidden_dim, latent_dim, likelihood, arch, hidden_dims, prior, n_components"
+    with pytest.raises(ParamsError, match=rf"model\.depth: unknown key \(known: {known}\)"):
         parse_params(tiny_raw_params(**{"model.depth": 3}))
 
 
@@ -100,7 +101,8 @@ def test_a_metric_that_cannot_drive_the_gate_is_refused_before_any_work(tiny_mir
 
 def test_every_metric_with_a_direction_can_drive_the_gate(tiny_mirror):
     for key in GATE_METRICS:
-        assert parse_params(tiny_raw_params(**{"register.metric": key})).register.metric == key
+        mixture = {"model.prior": "gmm"} if CATALOGUE[key].mixture_only else {}  # only a mixture has its own clusters
+        assert parse_params(tiny_raw_params(**{"register.metric": key, **mixture})).register.metric == key
 
 
 def test_ints_are_stored_as_floats_and_strings_are_not_numbers(tiny_mirror):
@@ -150,8 +152,8 @@ def test_a_section_built_in_code_is_validated_but_asks_nothing_of_this_machine()
 
     from vae_mlops.params import DataParams, TrainParams
 
-    assert DataParams("not-registered-here", 2, 1).timeout_s == 2.0  # the dataset is checked when params load
+    assert DataParams("not-registered-here", 2, 1, [], 0.2, 0.2).timeout_s == 2.0  # the dataset is checked on load
     with pytest.raises(ValidationError):
-        DataParams("mnist", 0.0, 1)
+        DataParams("mnist", 0.0, 1, [], 0.2, 0.2)
     with pytest.raises(dataclasses.FrozenInstanceError):
         TrainParams(**{**load_params(ROOT / "params.yaml").train.__dict__}).epochs = 1  # type: ignore[misc]

@@ -43,9 +43,9 @@ from prefect.client.schemas.filters import (  # noqa: E402
 from prefect.client.schemas.objects import StateType  # noqa: E402
 from prefect.events.worker import EventsWorker  # noqa: E402
 from prefect.logging.handlers import APILogWorker  # noqa: E402
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings  # noqa: E402
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, PREFECT_HOME, temporary_settings  # noqa: E402
 
-from pipeline import deploy, flows, serve  # noqa: E402
+from pipeline import deploy, flows, local_auth, serve  # noqa: E402
 from vae_mlops.params import load_params  # noqa: E402
 from vae_mlops.ports import free_port  # noqa: E402
 
@@ -90,8 +90,11 @@ def served(machines, tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-serve")
     port = free_port()
     log = home / "serve.log"
-    env = serve.process_env(home, {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"})
+    # its server asks for the auth string `make serve` generates into VAE_CREDENTIALS_DIR
+    env = serve.process_env(home, {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
+                                   "VAE_CREDENTIALS_DIR": str(home / "credentials")})  # fmt: skip
     env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_API_AUTH_STRING", None)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.serve", "--root", str(machines.orchestrator), "--port", str(port)],
@@ -103,7 +106,10 @@ def served(machines, tmp_path_factory):
         while "Ctrl-C stops it" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
-        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_HOME: str(home)}):
+        auth = local_auth.prefect_env(home / "credentials")["PREFECT_API_AUTH_STRING"]
+        settings = {PREFECT_API_URL: api_url, PREFECT_HOME: str(home), PREFECT_API_AUTH_STRING: auth}
+        with pytest.MonkeyPatch.context() as mp, temporary_settings(updates=settings):
+            mp.setenv("PREFECT_API_AUTH_STRING", auth)  # for the workers and CLIs the tests start
             yield Served(api_url, home, log)
             drain_prefect_clients()
     finally:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.support.project import ROOT, tiny_raw_params
+from tests.support.project import tiny_raw_params
+from tests.support.requires import real_mnist_mirror, require
 from vae_mlops import checkpoint
 from vae_mlops.data import load_split
 from vae_mlops.datasets import BUILTIN, get_dataset
@@ -25,8 +27,19 @@ from vae_mlops.stages.download import download as run_download
 from vae_mlops.stages.train import train as run_train
 from vae_mlops.train import to_unit_float
 
-SHARED = ROOT.parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason=f"no offline MNIST copy at {SHARED}")
+MNIST = real_mnist_mirror()  # the offline copy, from VAE_DATA_MIRROR as CI sets it
+SHARED = MNIST.parent  # beside it: fashion-mnist/ and the README with the checksums
+
+
+@pytest.fixture(scope="module")
+def shared() -> Path:
+    """The offline copies; the test skips without them (fails when CI=true)."""
+    require(
+        (MNIST / "train-images-idx3-ubyte.gz").is_file() and (SHARED / "README.md").is_file(),
+        f"the offline MNIST copy ({MNIST}, with {SHARED}/README.md)",
+        "set VAE_DATA_MIRROR to the folder holding MNIST's four .gz files (../shared/data/mnist)",
+    )
+    return SHARED
 
 # Margins in nats per image (single-sample ELBO, bernoulli likelihood on grey values). Measured after 2 epochs:
 # digits about -125, shuffled pixels about -440, uniform noise about -2400; the margins leave room for seeds.
@@ -39,9 +52,8 @@ def _readme_sha256() -> dict[str, str]:
     return dict(rows)
 
 
-@needs_shared
 @pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
-def test_builtin_checksums_are_the_real_files(dataset):
+def test_builtin_checksums_are_the_real_files(dataset, shared):
     spec, readme = BUILTIN[dataset], _readme_sha256()
     for f in spec.files:
         content = gzip.decompress((SHARED / dataset / f"{f.name}.gz").read_bytes())
@@ -51,20 +63,19 @@ def test_builtin_checksums_are_the_real_files(dataset):
 
 
 @pytest.fixture(scope="module")
-def trained_on_mnist(tmp_path_factory) -> Paths:
+def trained_on_mnist(tmp_path_factory, shared) -> Paths:
     """The download and train stages on real MNIST (the repo's model and params, 2 epochs, CPU)."""
     paths = Paths(tmp_path_factory.mktemp("real-mnist"))
     overrides = {"data.dataset": "mnist", "model.hidden_dim": 400, "model.latent_dim": 20, "train.epochs": 2,
                  "train.batch_size": 128, "train.val_size": 5000, "train.image_every": 2}  # fmt: skip
     params = parse_params(tiny_raw_params(**overrides))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VAE_DATA_MIRROR", str(SHARED / "mnist"))
+        mp.setenv("VAE_DATA_MIRROR", str(MNIST))
         run_download(params.data, paths)  # verifies every file's sha256 on the way in
     run_train(params, paths)
     return paths
 
 
-@needs_shared
 @pytest.mark.slow
 def test_test_digits_beat_noise_and_shuffled_pixels_by_a_margin(trained_on_mnist):
     paths = trained_on_mnist

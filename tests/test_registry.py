@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -122,8 +123,8 @@ def store(tmp_path_factory) -> Store:
     """One sqlite store, one run, one logged model; each test registers under its own model name."""
     folder = tmp_path_factory.mktemp("registry")
     uri = fresh_store(folder)
-    client = tracking._client(uri)
-    run_id = client.create_run(tracking._experiment_id(client, "registry-tests", uri)).info.run_id
+    client = tracking.mlflow_client(uri)
+    run_id = client.create_run(tracking.ensure_experiment(client, "registry-tests", uri)).info.run_id
     run = tracking.PipelineRun(run_id, "1", uri)
     model_uri = model_store.log_vae(run, _vae(), _candidate(1.0).input_example, {})
     return Store(uri, run, model_uri, folder / "promotions.jsonl")
@@ -205,8 +206,8 @@ def test_across_likelihoods_gate_on_a_metric_that_compares_across_them(store):
 
 def test_a_champion_without_a_likelihood_tag_is_read_from_its_run(store):
     reg = tracking.ModelRegistry("untagged", store.uri)
-    client = tracking._client(store.uri)
-    run_id = client.create_run(tracking._experiment_id(client, "registry-tests", store.uri)).info.run_id
+    client = tracking.mlflow_client(store.uri)
+    run_id = client.create_run(tracking.ensure_experiment(client, "registry-tests", store.uri)).info.run_id
     client.log_param(run_id, "model.likelihood", "gaussian")
     cand = _candidate(100.0, likelihood="gaussian")
     model_uri = model_store.log_vae(tracking.PipelineRun(run_id, "1", store.uri), cand.model, cand.input_example, {})
@@ -249,8 +250,6 @@ def test_every_decision_is_logged_and_tagged_and_history_prints_them(store, tmp_
 
 
 def test_register_logs_the_model_and_the_champion_loads_with_pyfunc(store, tmp_path):
-    import mlflow
-
     cand = _candidate(100.0, seed=3)
     cfg = RegisterParams("pyfunc", METRIC, 0.0)
     d = registry.register(store.run, cand, cfg, tmp_path / "log.jsonl", _no_rescore)
@@ -259,8 +258,7 @@ def test_register_logs_the_model_and_the_champion_loads_with_pyfunc(store, tmp_p
     assert again == d and len(registry.read_log(tmp_path / "log.jsonl")) == 1  # no second version, no new line
     assert [v.version for v in tracking.ModelRegistry("pyfunc", store.uri).versions()] == ["1"]
 
-    with tracking.use_store(store.uri):
-        model = mlflow.pyfunc.load_model("models:/pyfunc@champion")
+    model = model_store.load_pyfunc("models:/pyfunc@champion", store.uri)
     x = cand.input_example
     recon = model.predict(x)["values"]
     mu = model.predict(x, params={"output": "mu"})["values"]
@@ -277,9 +275,13 @@ def test_register_logs_the_model_and_the_champion_loads_with_pyfunc(store, tmp_p
 
 # ---------------------------------------------------------------- two registrations at once
 
+# One registration in its own process. `sync` is a folder the test and the two workers share: a worker touches
+# `blocked-<i>` when the gate's lock is held by someone else, and in "race" mode the two meet at a barrier
+# between reading the champion and setting an alias (both have decided; worker 0 writes first, then worker 1),
+# so the registrations overlap every time instead of when the scheduler happens to interleave them.
 WORKER = textwrap.dedent(
     """
-    import json, sys, time
+    import fcntl, json, sys, time
     from pathlib import Path
     import numpy as np, torch
     import mlflow.pytorch  # imported before the start line, so both race for the gate together
@@ -287,13 +289,45 @@ WORKER = textwrap.dedent(
     from vae_mlops.model import VAE, VAEConfig
     from vae_mlops.params import RegisterParams
 
-    uri, run_id, value, log_path, ready, go = sys.argv[1:]
+    uri, run_id, value, log_path, sync, index, mode = sys.argv[1:]
+    sync, index = Path(sync), int(index)
+    other = 1 - index
+
+    def wait_for(name):
+        deadline = time.monotonic() + 120
+        while not (sync / name).exists():
+            assert time.monotonic() < deadline, f"worker {index}: no {name} in 120 s"
+            time.sleep(0.01)
+
+    flock = fcntl.flock
+    def observed_flock(fd, operation):
+        try:
+            return flock(fd, operation)
+        except BlockingIOError:
+            (sync / f"blocked-{index}").touch()
+            raise
+    fcntl.flock = observed_flock
+
+    set_alias = tracking.ModelRegistry.set_alias
+    def set_alias_at_the_barrier(self, alias, version):
+        if (sync / f"decided-{index}").exists():
+            return set_alias(self, alias, version)
+        (sync / f"decided-{index}").touch()
+        wait_for(f"decided-{other}")  # both have read the champion and decided
+        if index == 1:
+            wait_for("set-0")
+        set_alias(self, alias, version)
+        (sync / f"set-{index}").touch()
+        if index == 0:
+            wait_for("set-1")  # worker 1's alias now overwrites this one: what settling has to repair
+    if mode == "race":
+        tracking.ModelRegistry.set_alias = set_alias_at_the_barrier
+
     torch.manual_seed(int(float(value)))
     cand = registry.Candidate(VAE(VAEConfig(784, 16, 2, "bernoulli")), {"test.nll_iwae": float(value)}, "tiny",
                               "hash", "abc", f"sha-{value}", np.zeros((2, 784), np.float32))
-    Path(ready).touch()
-    while not Path(go).exists():
-        time.sleep(0.01)
+    (sync / f"ready-{index}").touch()
+    wait_for("go")
     d = registry.register(tracking.PipelineRun(run_id, "1", uri), cand, RegisterParams("race", "test.nll_iwae", 0.0),
                           Path(log_path), lambda vae: float("nan"))
     print(json.dumps(d.to_dict()))
@@ -301,34 +335,54 @@ WORKER = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_two_registrations_at_once_leave_one_champion_and_a_consistent_log(tmp_path):
-    """Issue 5: two registrations at once never give two champions or none; the best one holds the alias."""
-    uri = fresh_store(tmp_path)
-    client = tracking._client(uri)
-    experiment = tracking._experiment_id(client, "race", uri)
-    runs = [client.create_run(experiment).info.run_id for _ in range(2)]
+@contextlib.contextmanager
+def workers(tmp_path: Path, uri: str, runs: list[str], values: tuple[str, str], logs: list[Path], mode: str):
+    """The two workers, started and waiting at their start line (`sync/go`): (procs, sync); killed if left running."""
     (tmp_path / "worker.py").write_text(WORKER)
-    log, go = tmp_path / "promotions.jsonl", tmp_path / "go"
-    lock = registry.lock_path(tracking.local_store_path(uri))
-    with open(lock, "a+") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # hold the gate: both must queue behind it
-        procs = [
-            subprocess.Popen(
-                [sys.executable, str(tmp_path / "worker.py"), uri, run, value, str(log), str(tmp_path / f"ready{i}"), str(go)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )
-            for i, (run, value) in enumerate(zip(runs, ("100.0", "90.0")))
-        ]  # fmt: skip
-        deadline = time.monotonic() + 180
-        while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(tmp_path / "worker.py"), uri, run, value, str(log), str(sync), str(i), mode],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i, (run, value, log) in enumerate(zip(runs, values, logs))
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not all((sync / f"ready-{i}").exists() for i in range(2)):
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
             time.sleep(0.05)
-        go.touch()
-        time.sleep(2.0)
-        assert not log.exists() and tracking.ModelRegistry("race", uri).aliases() == {}  # both wait on the lock
-        fcntl.flock(held, fcntl.LOCK_UN)
-    outs = [p.communicate(timeout=300) for p in procs]
+        yield procs, sync
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+@pytest.mark.slow
+def test_two_registrations_at_once_leave_one_champion_and_a_consistent_log(tmp_path):
+    """Two registrations at once never give two champions or none; the best one holds the alias."""
+    uri = fresh_store(tmp_path)
+    client = tracking.mlflow_client(uri)
+    experiment = tracking.ensure_experiment(client, "race", uri)
+    runs = [client.create_run(experiment).info.run_id for _ in range(2)]
+    log = tmp_path / "promotions.jsonl"
+    lock = registry.lock_path(tracking.local_store_path(uri))
+    with workers(tmp_path, uri, runs, ("100.0", "90.0"), [log, log], "lock") as (procs, sync):
+        with open(lock, "a+") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # hold the gate: both must queue behind it
+            (sync / "go").touch()
+            deadline = time.monotonic() + 120
+            while not all((sync / f"blocked-{i}").exists() for i in range(2)):  # each found the gate taken
+                ended = [i for i, p in enumerate(procs) if p.poll() is not None]
+                assert not ended, f"worker {ended} finished while the test held the gate's lock: {procs[ended[0]].communicate()}"
+                assert time.monotonic() < deadline, "the workers never tried the gate's lock"
+                time.sleep(0.05)
+            assert not log.exists() and tracking.ModelRegistry("race", uri).aliases() == {}  # both wait on the lock
+            fcntl.flock(held, fcntl.LOCK_UN)
+        outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     decisions = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(decisions) == 2

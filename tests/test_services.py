@@ -1,12 +1,14 @@
 """`make services` for real: PostgreSQL, MLflow (basic auth) and Prefect (auth string), and the pipeline on them.
 
 One stack serves the module: `python -m pipeline.services start` (what `make services`
-runs) in a fresh folder on free ports, stopped and removed at the end. The tests
-read what a user or another tool sees: the servers' REST APIs and PostgreSQL.
+runs) in a fresh 0700 folder on free ports, stopped and removed at the end. The tests
+read what a user or another tool sees: the servers' REST APIs and PostgreSQL, and
+attack it as another local account would (`runuser -u nobody`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -28,15 +30,19 @@ import requests
 from tests.support.e2e import copy_project, dvc, run, tool_env
 from tests.support.mlflow_store import MlflowRestReads, free_port
 from tests.support.project import ROOT
+from pipeline import services
 
 pytestmark = pytest.mark.slow
 
 CLIENT_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-               "PREFECT_API_URL", "PREFECT_API_AUTH_STRING")  # fmt: skip
+               "VAE_SERVE_MLFLOW_USERNAME", "VAE_SERVE_MLFLOW_PASSWORD",
+               "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "VAE_INFERENCE_DB_URI", "VAE_INFERENCE_DB_PASSWORD",
+               "VAE_MONITOR_DB_URI", "VAE_MONITOR_DB_PASSWORD")  # fmt: skip
 EPOCHS = 2
 KILL_EPOCHS = 40  # long enough to kill a server mid-training
 KILL_PARAMS = {"train.epochs": KILL_EPOCHS, "train.image_every": 10}
 MODEL = "vae-mnist"
+PLANTED = {"MLFLOW_TRACKING_PASSWORD": "planted-client-password", "AWS_SECRET_ACCESS_KEY": "planted-cloud-key"}
 
 
 class Stack(MlflowRestReads):
@@ -63,9 +69,13 @@ class Stack(MlflowRestReads):
         lines = (self.folder / "credentials.env").read_text().splitlines()
         return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
 
+    @property
+    def settings(self) -> services.Settings:
+        return services.Settings.from_env(self.env)
+
     def pid(self, name: str) -> int:
         if name == "postgres":
-            return int((self.folder / "postgres" / "postmaster.pid").read_text().split()[0])
+            return int((self.settings.pgdata / "postmaster.pid").read_text().split()[0])
         return int((self.folder / f"{name}.pid").read_text())
 
     def client_env(self, **extra: str) -> dict[str, str]:
@@ -116,10 +126,10 @@ class Stack(MlflowRestReads):
         resp.raise_for_status()
         return resp.json()
 
-    def sql(self, database: str, query: str) -> list[tuple]:
+    def sql(self, database: str, query: str, user: str = "vae", secret: str = "VAE_PG_PASSWORD") -> list[tuple]:
         port = int(self.env["VAE_PG_PORT"])
-        with psycopg.connect(host="127.0.0.1", port=port, user="vae", dbname=database,
-                             password=self.credentials()["VAE_PG_PASSWORD"]) as conn:  # fmt: skip
+        with psycopg.connect(host="127.0.0.1", port=port, user=user, dbname=database,
+                             password=self.credentials()[secret]) as conn:  # fmt: skip
             return conn.execute(query).fetchall()
 
 
@@ -134,20 +144,28 @@ def parse_exports(stdout: str) -> dict[str, str]:
     return found
 
 
+def remove_stack_folders(folder: Path) -> None:
+    """The services folder and, as root, the cluster folder it had under the `postgres` account's home."""
+    shutil.rmtree(services.Settings.from_env({"VAE_SERVICES_DIR": str(folder)}).pg_root, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def stack(tiny_mirror):
-    # The folder must be enterable by the `postgres` account (pytest's tmp folders are 0700).
+    # mkdtemp's folder is 0700: as root, the stack must not need the `postgres` account to enter it
     folder = Path(tempfile.mkdtemp(prefix="vae-services-"))
-    folder.chmod(0o755)
     env = {k: v for k, v in tool_env().items() if k not in CLIENT_VARS}
+    env.update(PLANTED)  # a shell that has eval'd a stack's exports, and holds other secrets
     env.update(VAE_SERVICES_DIR=str(folder / "svc"), VAE_PG_PORT=str(free_port()),
                VAE_MLFLOW_PORT=str(free_port()), VAE_PREFECT_PORT=str(free_port()))  # fmt: skip
-    services = Stack(folder / "svc", env)
+    running = Stack(folder / "svc", env)
     try:
-        services.start()
-        yield services
+        running.start()
+        yield running
     finally:
-        services.cli("stop", check=False)
+        running.cli("stop", check=False)
+        remove_stack_folders(folder / "svc")
+        remove_stack_folders(folder / "other")
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -169,7 +187,13 @@ def test_start_prints_the_exports_a_shell_needs(stack):
     assert stack.exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{stack.env['VAE_MLFLOW_PORT']}"
     assert stack.exports["PREFECT_API_URL"] == f"http://127.0.0.1:{stack.env['VAE_PREFECT_PORT']}/api"
     creds = stack.credentials()
-    assert stack.exports["MLFLOW_TRACKING_PASSWORD"] == creds["MLFLOW_TRACKING_PASSWORD"]
+    # the pipeline writes as `pipeline`, the scoring server reads as `reader`; the admin's password stays in the file
+    assert (stack.exports["MLFLOW_TRACKING_USERNAME"], stack.exports["MLFLOW_TRACKING_PASSWORD"]) == (
+        "pipeline", creds["VAE_MLFLOW_WRITER_PASSWORD"])
+    assert (stack.exports["VAE_SERVE_MLFLOW_USERNAME"], stack.exports["VAE_SERVE_MLFLOW_PASSWORD"]) == (
+        "reader", creds["VAE_MLFLOW_READER_PASSWORD"])
+    for secret in ("VAE_MLFLOW_ADMIN_PASSWORD", "VAE_PG_PASSWORD", "VAE_PG_MLFLOW_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert creds[secret] not in "".join(stack.exports.values()), secret
     assert (stack.folder / "credentials.env").stat().st_mode & 0o777 == 0o600
 
 
@@ -221,6 +245,138 @@ def test_a_service_that_cannot_start_is_a_clear_error_naming_its_log(stack):
     assert "Address already in use" in (other / "logs" / "postgres.log").read_text()
 
 
+# ---------------------------------------------------------------- least privilege, attacked
+
+
+def as_nobody(url: str, method: str = "GET", body: str | None = None, auth: str | None = None) -> int:
+    """The HTTP status another local account gets (curl run as `nobody`)."""
+    if os.geteuid() != 0 or shutil.which("runuser") is None or shutil.which("curl") is None:
+        pytest.skip("needs root, runuser and curl to act as another account")
+    cmd = ["runuser", "-u", "nobody", "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method]
+    cmd += ["-H", "Content-Type: application/json", "-d", body] if body is not None else []
+    cmd += ["-u", auth] if auth is not None else []
+    return int(subprocess.run([*cmd, url], capture_output=True, text=True, timeout=60, cwd="/").stdout)
+
+
+def test_another_account_gets_401_from_every_server_and_cannot_read_the_folder(stack):
+    mlflow, prefect = stack.exports["MLFLOW_TRACKING_URI"], stack.exports["PREFECT_API_URL"]
+    api = f"{mlflow}/api/2.0/mlflow"
+    for method, url, body in [
+        ("GET", f"{api}/experiments/search?max_results=1", None),
+        ("POST", f"{api}/registered-models/create", '{"name": "vae-mnist"}'),
+        ("POST", f"{api}/users/create", '{"username": "me", "password": "mine-mine-mine"}'),
+        ("GET", f"{mlflow}/api/2.0/mlflow-artifacts/artifacts", None),
+        ("POST", f"{prefect}/flows/filter", "{}"),
+        ("POST", f"{prefect}/deployments/", '{"name": "evil", "flow_id": "00000000-0000-0000-0000-000000000000"}'),
+    ]:
+        assert as_nobody(url, method, body) == 401, url
+        assert as_nobody(url, method, body, auth="admin:guess") == 401, url
+    denied = subprocess.run(["runuser", "-u", "nobody", "--", "cat", str(stack.folder / "credentials.env")],
+                            capture_output=True, text=True, cwd="/")  # fmt: skip
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+
+
+def test_the_postmaster_environment_holds_no_secret(stack):
+    environ = Path(f"/proc/{stack.pid('postgres')}/environ").read_bytes().decode(errors="replace")
+    for name, secret in [*stack.credentials().items(), *PLANTED.items()]:
+        assert secret not in environ, name
+    names = {pair.split("=", 1)[0] for pair in environ.split("\0") if pair}
+    assert not {n for n in names if n.startswith(("MLFLOW_", "PREFECT_")) or n == "PGPASSWORD"}, names
+    if os.geteuid() == 0:  # PostgreSQL never runs as root; its cluster lives where its own account can enter
+        assert psutil.Process(stack.pid("postgres")).username() == "postgres"
+        assert stack.settings.pgdata.stat().st_uid == services.pwd.getpwnam("postgres").pw_uid
+
+
+def test_mlflow_and_prefect_use_roles_that_own_only_their_databases(stack):
+    roles = dict(stack.sql("postgres", "SELECT rolname, rolsuper OR rolcreatedb OR rolcreaterole FROM pg_roles "
+                                       "WHERE rolname IN ('mlflow', 'prefect')"))  # fmt: skip
+    assert roles == {"mlflow": False, "prefect": False}
+    owners = dict(stack.sql("postgres", "SELECT datname, pg_get_userbyid(datdba) FROM pg_database "
+                                        "WHERE datname IN ('mlflow', 'mlflow_auth', 'prefect')"))  # fmt: skip
+    assert owners == {"mlflow": "mlflow", "mlflow_auth": "mlflow", "prefect": "prefect"}
+    assert stack.sql("mlflow", "SELECT count(*) FROM experiments", "mlflow", "VAE_PG_MLFLOW_PASSWORD")[0][0] >= 1
+    with pytest.raises(psycopg.OperationalError, match="permission denied"):
+        stack.sql("prefect", "SELECT 1", "mlflow", "VAE_PG_MLFLOW_PASSWORD")
+    with pytest.raises(psycopg.OperationalError, match="permission denied"):
+        stack.sql("mlflow", "SELECT 1", "prefect", "VAE_PG_PREFECT_PASSWORD")
+
+
+def test_the_reader_reads_but_cannot_create_a_name_or_write(stack):
+    api = f"{stack.exports['MLFLOW_TRACKING_URI']}/api/2.0/mlflow"
+    reader = (stack.exports["VAE_SERVE_MLFLOW_USERNAME"], stack.exports["VAE_SERVE_MLFLOW_PASSWORD"])
+    assert requests.get(f"{api}/experiments/search?max_results=1", auth=reader, timeout=30).status_code == 200
+    for endpoint, body in (("registered-models/create", {"name": "vae-mnist-squatted"}),
+                           ("experiments/create", {"name": "squatted"}),
+                           ("users/create", {"username": "mine", "password": "mine-mine-mine"})):  # fmt: skip
+        resp = requests.post(f"{api}/{endpoint}", json=body, auth=reader, timeout=30)
+        assert resp.status_code == 403, (endpoint, resp.text)
+    names = [m["name"] for m in stack.mlflow("GET", "registered-models/search").get("registered_models", [])]
+    assert "vae-mnist-squatted" not in names
+    made = stack.mlflow("POST", "experiments/create", json={"name": "written-by-the-pipeline"})["experiment_id"]
+    resp = requests.post(f"{api}/experiments/update", json={"experiment_id": made, "new_name": "renamed"},
+                         auth=reader, timeout=30)  # fmt: skip
+    assert resp.status_code == 403
+
+
+def test_the_scoring_server_may_only_insert_recorded_images_and_the_monitor_only_read_them(stack, monkeypatch):
+    import numpy as np
+    import sqlalchemy as sa
+
+    from vae_mlops import inference_log
+
+    for key in ("VAE_INFERENCE_DB_URI", "VAE_INFERENCE_DB_PASSWORD", "VAE_MONITOR_DB_URI", "VAE_MONITOR_DB_PASSWORD"):
+        monkeypatch.setenv(key, stack.exports[key])
+    assert "password" not in stack.exports["VAE_INFERENCE_DB_URI"].lower()  # the secret travels apart from the URL
+    rec = inference_log.Recorder(inference_log.writer_url(), log_inputs=True, flush_s=0.1)
+    images = np.random.default_rng(0).random((3, 784), dtype=np.float32)
+    rec.record(None, images, model_name=MODEL, version="1", elbo=np.full(3, -100.0), mu=np.zeros((3, 2), np.float32))
+    assert rec.flush(10) and rec.written == 3
+    rec.close()
+    rows = inference_log.read_since(inference_log.reader_url())
+    assert len(rows) >= 3 and set(rows["version"]) >= {"1"}
+    writer = inference_log.make_engine(inference_log.writer_url())
+    reader = inference_log.make_engine(inference_log.reader_url(), inference_log.ENV_READER_PASSWORD)
+    for engine, statement in ((writer, f"SELECT count(*) FROM {inference_log.TABLE_NAME}"),
+                              (reader, f"DELETE FROM {inference_log.TABLE_NAME}")):  # fmt: skip
+        with pytest.raises(sa.exc.ProgrammingError, match="permission denied"), engine.connect() as conn:
+            conn.execute(sa.text(statement))
+    writer.dispose()
+    reader.dispose()
+
+
+def test_the_folder_logs_and_artifacts_are_private(stack, pipeline_run):
+    for folder in (stack.folder, stack.folder / "logs", stack.folder / "mlartifacts"):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    written = [p for p in (stack.folder / "mlartifacts").rglob("*")] + list((stack.folder / "logs").iterdir())
+    assert written and all(p.stat().st_mode & 0o077 == 0 for p in written), [
+        (str(p), oct(p.stat().st_mode)) for p in written if p.stat().st_mode & 0o077]
+
+
+def test_a_services_folder_of_another_account_is_refused(stack, tmp_path):
+    theirs = stack.folder.parent / "theirs"
+    theirs.mkdir(mode=0o777)
+    os.chown(theirs, 65534, 65534)  # nobody's
+    proc = subprocess.run([sys.executable, "-m", "pipeline.services", "start"], cwd=ROOT, capture_output=True,
+                          text=True, env={**stack.env, "VAE_SERVICES_DIR": str(theirs)}, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "belongs to uid 65534, not to this account" in proc.stderr, proc.stderr
+    assert list(theirs.iterdir()) == []
+
+
+def test_a_second_start_while_one_runs_waits_for_it(stack):
+    fd = os.open(stack.folder / "services.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a `make services` that is still starting holds it
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.services", "start"], cwd=ROOT, env=stack.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        time.sleep(8)
+        assert proc.poll() is None  # waiting its turn
+    finally:
+        os.close(fd)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "another `make services` is using" in err, err
+    assert parse_exports(out) == stack.exports
+
+
 # ---------------------------------------------------------------- the pipeline on the stack, auth on
 
 
@@ -251,7 +407,7 @@ def test_make_flow_completes_and_postgres_holds_the_completed_flow_run(stack, pi
 
 def test_no_credential_reaches_params_tags_logs_or_flow_parameters(stack, pipeline_run):
     repo, _, repro, flow = pipeline_run
-    secrets = [v for k, v in stack.credentials().items() if k != "MLFLOW_TRACKING_USERNAME"]
+    secrets = list(stack.credentials().values())
     flow_runs = stack.prefect("flow_runs/filter")
     seen = [repro.stdout, repro.stderr, flow.stdout, flow.stderr, (repo / "params.yaml").read_text(),
             json.dumps([r["data"] for r in stack.runs()]), json.dumps(flow_runs)]  # fmt: skip

@@ -22,9 +22,10 @@ from mlflow.exceptions import MlflowException
 
 from tests.support.e2e import tool_env
 from tests.support.mlflow_store import fresh_store, free_port
-from tests.support.planted import plant_pickle
+from tests.support.planted import plant_code, plant_pickle
+from tests.support.project import ROOT
 from tests.support.servers import wait_until_answers
-from vae_mlops import pyfunc, registry, tracking
+from vae_mlops import model_store, pyfunc, registry, tracking
 from vae_mlops.model import VAE, VAEConfig, elbo
 from vae_mlops.params import RegisterParams
 
@@ -120,6 +121,7 @@ class Served:
     run: tracking.PipelineRun
     models: dict[str, VAE] = field(default_factory=dict)  # registry version -> the VAE it holds
     log: Path | None = None
+    root: Path | None = None  # the checkout `serve-model` ran for: its `.serving/` and `.inference/`
 
     def invoke(self, rows, output: str | None = None, timeout: float = 30) -> requests.Response:
         body: dict = {"inputs": rows}
@@ -128,9 +130,9 @@ class Served:
         return requests.post(f"{self.url}/invocations", json=body, timeout=timeout)
 
 
-def _start(cmd: list[str], env: dict, log_file: Path) -> subprocess.Popen:
+def _start(cmd: list[str], env: dict, log_file: Path, cwd: Path) -> subprocess.Popen:
     with open(log_file, "ab") as log:
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=log, start_new_session=True)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -147,29 +149,24 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[Served]:
-    """`mlflow models serve -m models:/served@champion` (the Makefile's command) over a sqlite store holding v1."""
+    """`python -m vae_mlops serve-model` (the Makefile's command) over a sqlite store holding v1."""
     folder = tmp_path_factory.mktemp("serving")
     uri = fresh_store(folder)
-    client = tracking._client(uri)
-    run = tracking.PipelineRun(client.create_run(tracking._experiment_id(client, "serving", uri)).info.run_id, "1", uri)
+    client = tracking.mlflow_client(uri)
+    run = tracking.PipelineRun(client.create_run(tracking.ensure_experiment(client, "serving", uri)).info.run_id, "1", uri)
     first = _candidate(100.0, seed=0)
     decision = registry.register(run, first, RegisterParams(NAME, METRIC, 0.0), folder / "log.jsonl", _no_rescore)
     assert (decision.version, decision.alias) == ("1", "champion")
 
     port = free_port()
-    env = tool_env(
-        MLFLOW_TRACKING_URI=uri,
-        MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false",
-        VAE_SERVE_FOLLOW=f"{NAME}@champion",
-        VAE_SERVE_POLL_S=str(POLL_S),
-    )
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
-           "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    proc = _start(cmd, env, folder / "serve.log")
+    env = tool_env(MLFLOW_TRACKING_URI=uri)
+    cmd = [sys.executable, "-m", "vae_mlops", "serve-model", "--root", str(folder), "--model", NAME,
+           "--port", str(port), "--poll-s", str(POLL_S)]  # fmt: skip
+    proc = _start(cmd, env, folder / "serve.log", cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_answers(f"{url}/ping", proc, folder / "serve.log", timeout_s=240)
-        yield Served(url, uri, run, {"1": first.model}, folder / "serve.log")
+        yield Served(url, uri, run, {"1": first.model}, folder / "serve.log", folder)
     finally:
         _stop(proc)
 
@@ -208,20 +205,71 @@ BAD_REQUESTS = {
     "an unknown output": ({"inputs": [ROW], "params": {"output": "sample"}}, "unknown output 'sample'"),
     "ragged rows": ({"inputs": [ROW, ROW[:5]]}, "inhomogeneous"),
     "not JSON": ("pixels please", "valid JSON"),
+    "nested too deeply": ('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    "base64 of the wrong length": ({"inputs": ["AAAA"]}, "1048 characters; got 4"),
+    "bad base64": ({"inputs": ["!" * 1046 + "=="]}, "not valid base64"),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("what", list(BAD_REQUESTS))
-def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_answering(served, what):
+def test_bad_input_gets_400_naming_the_problem_and_the_server_keeps_answering(served, what):
     body, problem = BAD_REQUESTS[what]
     data = body if isinstance(body, str) else json.dumps(body)
     headers = {"Content-Type": "application/json"}
     resp = requests.post(f"{served.url}/invocations", data=data, headers=headers, timeout=30)
-    assert 400 <= resp.status_code < 500, (what, resp.status_code, resp.text[-500:])
+    assert resp.status_code == 400, (what, resp.status_code, resp.text[-500:])
     assert problem in resp.json()["message"], (what, resp.text[-500:])
     good = served.invoke([ROW])
     assert good.status_code == 200 and len(good.json()["predictions"]["values"]) == 1
+
+
+@pytest.mark.slow
+def test_a_body_without_content_type_gets_400_naming_the_header(served):
+    resp = requests.post(f"{served.url}/invocations", data=json.dumps({"inputs": [ROW]}), timeout=30,
+                         headers={"Content-Type": ""})  # fmt: skip
+    assert resp.status_code == 400 and "Content-Type" in resp.json()["message"], resp.text[-300:]
+
+
+@pytest.mark.slow
+def test_base64_images_get_the_same_answers_as_their_float_rows(served):
+    images = np.random.default_rng(5).integers(0, 256, (6, 784), dtype=np.uint8)
+    floats = served.invoke((images / np.float32(255)).astype(np.float32).tolist(), "elbo").json()["predictions"]
+    as_list = served.invoke(pyfunc.encode_images(images), "elbo").json()["predictions"]
+    column = requests.post(f"{served.url}/invocations", timeout=30, json={
+        "dataframe_split": {"columns": ["image"], "data": [[s] for s in pyfunc.encode_images(images)]},
+        "params": {"output": "elbo"}}).json()["predictions"]  # fmt: skip
+    np.testing.assert_allclose(as_list["values"], floats["values"], rtol=1e-5)
+    np.testing.assert_allclose(column["values"], floats["values"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_server_records_each_answered_image_and_never_a_refused_one(served):
+    from vae_mlops import inference_log
+
+    url = inference_log.default_url(served.root)
+    last = -1
+    while last != (last := _last_id(url)):  # earlier tests' rows are committed within a second
+        time.sleep(1.5)
+    images = np.random.default_rng(9).integers(0, 256, (5, 784), dtype=np.uint8)
+    assert served.invoke(pyfunc.encode_images(images), "mu").status_code == 200
+    assert served.invoke([[0.5] * 3]).status_code == 400  # refused: not recorded
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(rows := inference_log.read_since(url, after_id=last)) < 5:
+        time.sleep(0.2)
+    assert len(rows) == 5, rows
+    np.testing.assert_array_equal(inference_log.images(rows), images)
+    assert set(rows["version"]) == {served.invoke([ROW]).json()["predictions"]["version"]}
+    want = _expected(served.models[rows["version"].iloc[0]], images / np.float32(255))
+    np.testing.assert_allclose(rows["elbo"].to_numpy(), want["elbo"], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(inference_log.latent_means(rows), want["mu"], rtol=1e-4, atol=1e-4)
+
+
+def _last_id(url: str) -> int:
+    from vae_mlops import inference_log
+
+    rows = inference_log.read_since(url)
+    return int(rows["id"].max()) if len(rows) else 0
 
 
 @dataclass
@@ -280,23 +328,49 @@ def test_a_new_champion_is_served_within_60s_with_no_failed_request(served, tmp_
 
 
 @pytest.mark.slow
-def test_a_planted_pickle_champion_is_refused_and_the_last_good_one_keeps_serving(served, tmp_path):
+@pytest.mark.parametrize("plant", ["pickle", "own-loader"])
+def test_a_planted_champion_is_refused_and_the_last_good_one_keeps_serving(served, tmp_path, plant):
     marker = tmp_path / "pwned"
     before = served.invoke([ROW]).json()["predictions"]["version"]
     reg = tracking.ModelRegistry(NAME, served.uri)
-    planted = reg.create_version(plant_pickle(served.run, marker), served.run.run_id, {})
+    if plant == "pickle":
+        planted = reg.create_version(plant_pickle(served.run, marker), served.run.run_id, {})
+    else:  # a genuine version, tampered with before it becomes champion
+        uri = model_store.log_vae(served.run, _vae(11), np.zeros((1, 784), np.float32), {})
+        planted = reg.create_version(uri, served.run.run_id, {})
+        plant_code(f"models:/{NAME}/{planted.version}", served.uri, marker, plant)
+    log_before = served.log.read_text()
     reg.set_alias(registry.CHAMPION, planted.version)
     deadline = time.monotonic() + SWITCH_LIMIT_S
-    while time.monotonic() < deadline and "UnsafeModelError" not in served.log.read_text():
+    while time.monotonic() < deadline and served.log.read_text().count("UnsafeModelError") <= log_before.count(
+        "UnsafeModelError"
+    ):
         time.sleep(0.5)
-    assert f"still serving v{before}: UnsafeModelError" in served.log.read_text()
+    assert f"still serving v{before}: UnsafeModelError" in served.log.read_text()[len(log_before) :]
     answer = served.invoke([ROW])
     assert answer.status_code == 200 and answer.json()["predictions"]["version"] == before
     assert not marker.exists()
+    reg.set_alias(registry.CHAMPION, before)  # the next test starts from a good champion
 
 
-def test_the_makefile_serves_the_champion_with_mlflows_scoring_server():
-    out = subprocess.run(["make", "-n", "serve-model", "MODEL_PORT=5999"], cwd=Path(__file__).resolve().parents[1],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    assert "mlflow models serve -m models:/vae-mnist@champion --env-manager local --host 127.0.0.1 --port 5999" in out
-    assert "VAE_SERVE_FOLLOW=vae-mnist@champion" in out and "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false" in out
+def test_the_makefile_serves_the_verified_champion_on_its_own_port():
+    out = subprocess.run(["make", "-n", "serve-model"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "python -m vae_mlops serve-model --model vae-mnist --port 5080 --poll-s 10" in out
+    other = subprocess.run(["make", "-n", "serve-model", "MODEL_PORT=5999"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout  # fmt: skip
+    assert "--port 5999" in other
+
+
+def test_the_scoring_server_gets_the_read_only_account_and_no_other_secret():
+    from vae_mlops import serving
+
+    env = serving.server_env({
+        "MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": "writer-secret",
+        "VAE_SERVE_MLFLOW_USERNAME": "reader", "VAE_SERVE_MLFLOW_PASSWORD": "reader-secret",
+        "PREFECT_API_AUTH_STRING": "admin:prefect", "VAE_MLFLOW_ADMIN_PASSWORD": "admin-secret",
+        "PGPASSWORD": "db", "VAE_INFERENCE_DB_PASSWORD": "insert-only", "PATH": "/usr/bin",
+    })  # fmt: skip
+    assert env["MLFLOW_TRACKING_USERNAME"] == "reader" and env["MLFLOW_TRACKING_PASSWORD"] == "reader-secret"
+    assert env["VAE_INFERENCE_DB_PASSWORD"] == "insert-only" and env["PATH"] == "/usr/bin"
+    leaked = [v for v in ("writer-secret", "admin:prefect", "admin-secret", "db") if v in env.values()]
+    assert leaked == []

@@ -26,6 +26,11 @@ def test_the_grid_is_the_product_of_its_axes_and_the_default_has_six_points():
     assert len(default) == 6 and {p.overrides["model.latent_dim"] for p in default} == {2, 10, 20}
 
 
+def test_the_grid_goes_to_dvc_in_its_own_syntax_one_axis_each_value_once():
+    points = sweep.parse_grid(["model.latent_dim=2, 10,2", "model.likelihood=bernoulli"])
+    assert sweep.grid_axes(points) == ["model.latent_dim=2,10", "model.likelihood=bernoulli"]
+
+
 def test_a_malformed_grid_names_every_bad_axis():
     with pytest.raises(sweep.SweepError) as err:
         sweep.parse_grid(["model.latent_dim", "train.lr=0.1,,0.2", "train.epochs=1", "train.epochs=2"])
@@ -37,7 +42,7 @@ def test_a_malformed_grid_names_every_bad_axis():
 def test_bad_values_are_one_error_before_anything_is_queued(tmp_path, monkeypatch, capsys):
     repo = copy_project(tmp_path / "repo")
     queued = []
-    monkeypatch.setattr(sweep, "queue", lambda *a: queued.append(a) or "x")
+    monkeypatch.setattr(sweep, "queue_grid", lambda *a: queued.append(a) or {})
     with pytest.raises(ParamsError) as err:
         sweep.sweep(repo, ["model.latent_dim=0,2", "model.likelihood=poisson"], 1, None)
     assert "model.latent_dim=0 model.likelihood=poisson: model.latent_dim: must be > 0" in str(err.value)
@@ -94,7 +99,7 @@ def test_a_queued_sweep_logs_and_registers_into_the_workspace_store_named_after_
     assert not list((workspace / ".dvc" / "tmp" / "exps").glob("tmp*/mlflow.db"))
     uri = tracking.tracking_uri(Paths(workspace))
     assert uri == f"sqlite:///{(workspace / 'mlflow.db').resolve()}"
-    client = tracking._client(uri)
+    client = tracking.mlflow_client(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = {r.data.tags.get(tracking.TAG_DVC_EXPERIMENT): r for r in client.search_runs(experiments)}
     assert set(runs) == set(names)

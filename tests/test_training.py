@@ -64,7 +64,8 @@ def test_more_epochs_continue_from_the_checkpoint(project):
 def test_model_file_rebuilds_on_its_own(project):
     run_train(params(), project)
     model, payload = checkpoint.load_model(project.model_file)
-    assert payload["config"] == {"input_dim": 784, "hidden_dim": 64, "latent_dim": 4, "likelihood": "bernoulli"}
+    assert payload["config"] == {"input_dim": 784, "hidden_dim": 64, "latent_dim": 4, "likelihood": "bernoulli",
+                                 "arch": "mlp", "hidden_dims": [], "prior": "normal", "n_components": 0}
     assert len(payload["data_hash"]) == 64 and payload["params"]["train"]["epochs"] == 2
     reloaded = torch.load(project.model_file, weights_only=True)["state_dict"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in reloaded.items())

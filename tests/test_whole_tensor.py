@@ -19,7 +19,8 @@ from tests.support.project import tiny_raw_params
 from vae_mlops.params import parse_params
 from vae_mlops.paths import Paths
 from vae_mlops.stages.download import download as run_download
-from vae_mlops.stages.train import build_state, load_train_data
+from vae_mlops.stage_inputs import load_train_data
+from vae_mlops.stages.train import build_state
 from vae_mlops.stages.train import train as run_train
 from vae_mlops.train import epoch_permutation, fit, train_epoch
 

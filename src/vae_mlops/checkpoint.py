@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 KEEP = 2  # checkpoints kept per run key: the last one and one fallback
 _NAME = re.compile(r"^epoch-(\d{4,})\.pt$")
+_TEMPORARY = re.compile(r"^\.epoch-\d{4,}\.pt(\.sha256)?\..+\.tmp$")  # atomic's temp names
 
 
 class CheckpointError(VaeMlopsError):
@@ -94,8 +95,28 @@ def _epochs(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
 
 
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries of checkpoint writes that a kill cut short; returns what was removed.
+
+    `atomic` writes `.<name>.<random>.tmp` beside the target and renames it; a kill
+    between the two leaves a full-size file that nothing would ever read or remove.
+    Called at the start of a training, when no write of this run key is in progress.
+    """
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if _TEMPORARY.match(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+        log.info("removed %s, left by a checkpoint write that did not finish", path)
+    return stale
+
+
 def latest_good(checkpoints_dir: Path, key: str) -> dict[str, Any] | None:
-    """The newest checkpoint of this run key that loads; corrupt ones are skipped with a warning."""
+    """The newest checkpoint of this run key that loads; corrupt ones are skipped with a warning.
+
+    Also removes the temporaries an interrupted write left (this runs once, at the start of a training).
+    """
+    remove_temporaries(run_dir(checkpoints_dir, key))
     for path in reversed(_epochs(run_dir(checkpoints_dir, key))):
         try:
             return load(path)

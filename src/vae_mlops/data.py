@@ -251,21 +251,20 @@ def data_hash(shas: dict[str, str]) -> str:
 def is_present(raw_dir: Path, spec: DatasetSpec) -> bool:
     """True when every file is there with its expected sha256 (a rerun then downloads nothing)."""
     manifest = raw_dir / "manifest.json"
-    if not manifest.is_file() or not (raw_dir / "images.parquet").is_file():
+    if not manifest.is_file():
         return False
     return all((raw_dir / f.name).is_file() and atomic.sha256_file(raw_dir / f.name) == f.sha256 for f in spec.files)
 
 
 def write_dataset(raw_dir: Path, spec: DatasetSpec, fetched: list[Fetched]) -> dict:
-    """Verify the table, then swap the finished folder in whole."""
+    """Verify the files and their per-image table (kept in memory only: nothing reads it), then swap the folder in whole."""
     arrays = {(f.file.split, f.file.kind): verify(f.content, f.file, spec, f.source) for f in fetched}
-    table = validate_table(image_table(arrays), spec)
+    validate_table(image_table(arrays), spec)
     shas = {f.file.name: f.file.sha256 for f in fetched}
     manifest = {"dataset": spec.name, "files": shas, "data_hash": data_hash(shas)}
     with atomic.atomic_dir(raw_dir) as tmp:
         for f in fetched:
             (tmp / f.file.name).write_bytes(f.content)
-        table.to_parquet(tmp / "images.parquet", index=False)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 

@@ -1,4 +1,5 @@
-"""Pictures of a model: sample, reconstruction and interpolation grids; latent map and loss curves.
+"""Pictures of a model: sample, reconstruction and interpolation grids; latent map and loss curves;
+for a mixture prior, samples of each component and the clusters against the labels.
 
 Grids are made with torchvision's `make_grid`/`save_image`; plots with matplotlib.
 
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
@@ -31,11 +34,9 @@ def _as_images(flat: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample_grid(model: VAE, n: int = 64, seed: int = 0) -> Tensor:
-    """Decoded z ~ N(0, I), as one (3, H, W) grid; the seed keeps the same z across epochs."""
-    device = next(model.parameters()).device
+    """Decoded z ~ p(z), the model's prior, as one (3, H, W) grid; the seed keeps the same z across epochs."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn((n, model.config.latent_dim), generator=g).to(device)
-    return make_grid(_as_images(model.decode(z)), nrow=8, padding=2)
+    return make_grid(_as_images(model.decode(model.prior.sample(n, g))), nrow=8, padding=2)
 
 
 @torch.no_grad()
@@ -61,6 +62,8 @@ def to_hwc_uint8(grid: Tensor) -> np.ndarray:
 # ---------------------------------------------------------------- evaluation pictures
 
 EVAL_PICTURES = ("latent_map", "interpolation", "samples", "reconstructions", "loss_curves")
+MIXTURE_PICTURES = ("cluster_samples", "cluster_confusion")  # added for a prior with components
+CLUSTER_SAMPLES_PER_ROW = 10
 _METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE"}
 TSNE_SAMPLE = 2000  # t-SNE is quadratic in the points: map a seeded subsample of this many
 INTERPOLATION_ROWS, INTERPOLATION_STEPS = 8, 10
@@ -90,9 +93,6 @@ def _pairs(labels: Tensor, rows: int) -> tuple[Tensor, Tensor]:
 
 def latent_map(mu: Tensor, labels: Tensor, method: str, seed: int) -> Figure:
     """2-D map of the latent means coloured by label: PCA of all, or t-SNE of a seeded subsample."""
-    from sklearn.decomposition import PCA  # imported here: seconds to load, and the train stage needs none of it
-    from sklearn.manifold import TSNE
-
     points, labels = mu.detach().cpu().double().numpy(), labels.detach().cpu().numpy()
     if points.shape[1] < 2:  # a 1-D latent: plot it against zero
         points = np.concatenate([points, np.zeros_like(points)], axis=1)
@@ -116,6 +116,66 @@ def latent_map(mu: Tensor, labels: Tensor, method: str, seed: int) -> Figure:
     fig.colorbar(scatter, ax=ax, label="label", ticks=np.unique(labels))
     title = f"latent means ({_METHOD_NAMES[method]}, {len(xy)} test images)"
     ax.set(xlabel=axes_names[0], ylabel=axes_names[1], title=title)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def mixture_clusters(model: VAE, x: Tensor, batch_size: int) -> np.ndarray:
+    """argmax_c q(c|x) of each image (N,)."""
+    return torch.cat([model.cluster_probs(xb).argmax(-1).cpu() for xb in x.split(batch_size)]).numpy()
+
+
+def cluster_table(clusters: np.ndarray, labels: np.ndarray, n_components: int) -> np.ndarray:
+    """Images per (cluster, label), (K, classes): every component has a row, an empty one too."""
+    classes = np.unique(labels)
+    table = np.zeros((n_components, len(classes)), dtype=np.int64)
+    np.add.at(table, (clusters, np.searchsorted(classes, labels)), 1)
+    return table
+
+
+def _row_names(table: np.ndarray, classes: np.ndarray) -> list[str]:
+    """`c3: 7 (91%)`: each cluster's majority label and its share (`c3: empty` for none)."""
+    names = []
+    for c, row in enumerate(table):
+        total = row.sum()
+        names.append(f"c{c}: {classes[row.argmax()]} ({row.max() / total:.0%})" if total else f"c{c}: empty")
+    return names
+
+
+@torch.no_grad()
+def cluster_samples(model: VAE, table: np.ndarray, classes: np.ndarray, seed: int) -> Figure:
+    """One row per mixture component: z ~ N(mu_c, sigma_c^2) decoded, labelled with the digit it mostly holds."""
+    k, per = len(table), CLUSTER_SAMPLES_PER_ROW
+    g = torch.Generator().manual_seed(seed)
+    z = model.prior.sample_component(torch.arange(k).repeat_interleave(per), g)
+    grid = make_grid(_as_images(model.decode(z)), nrow=per, padding=2)  # (3, H, W)
+    fig = Figure(figsize=(per * 0.6 + 1.6, k * 0.6 + 0.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(to_hwc_uint8(grid))
+    step = grid.shape[1] / k
+    ax.set_yticks([step * (r + 0.5) for r in range(k)], _row_names(table, classes))
+    ax.set_xticks([])
+    ax.set_title("samples of each component (majority test label)")
+    fig.tight_layout()
+    return fig
+
+
+def cluster_confusion(table: np.ndarray, classes: np.ndarray) -> Figure:
+    """The clusters (rows, argmax q(c|x)) against the labels (columns), test images counted in each cell."""
+    fig = Figure(figsize=(0.5 * len(classes) + 2.4, 0.45 * len(table) + 1.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(table, cmap="Blues")
+    fig.colorbar(image, ax=ax, label="test images")
+    ax.set_xticks(range(len(classes)), [str(c) for c in classes])
+    ax.set_yticks(range(len(table)), _row_names(table, classes))
+    threshold = table.max() / 2
+    for (r, c), n in np.ndenumerate(table):
+        if n:
+            ax.text(c, r, str(n), ha="center", va="center", fontsize=6, color="white" if n > threshold else "black")
+    ax.set(xlabel="label", ylabel="cluster (majority label)", title="clusters against labels")
     fig.tight_layout()
     return fig
 
@@ -152,16 +212,33 @@ def save_figure(fig: Figure, path: Path) -> Path:
 def eval_pictures(
     model: VAE, x: Tensor, labels: Tensor, history: list[dict], cfg: EvaluateParams, out_dir: Path
 ) -> dict[str, Path]:
-    """Write the five evaluation pictures of `EVAL_PICTURES` as `<name>.png` under `out_dir`; name -> path."""
+    """Write the five evaluation pictures of `EVAL_PICTURES` as `<name>.png` under `out_dir`; name -> path.
+
+    A model whose prior has components gets the two of `MIXTURE_PICTURES` too.
+    """
     model.eval()
     device = next(model.parameters()).device
     x = x.to(device=device, dtype=torch.float32)
     mu = torch.cat([model.encode(xb)[0].cpu() for xb in x.split(cfg.batch_size)])
     out_dir = Path(out_dir)
-    return {
+    labelled = labels >= 0  # recorded traffic in the test split is labelled -1
+    pictures = {
         "latent_map": save_figure(latent_map(mu, labels, cfg.latent_map, cfg.seed), out_dir / "latent_map.png"),
-        "interpolation": save_png(interpolation_grid(model, x, labels), out_dir / "interpolation.png"),
+        "interpolation": save_png(  # between labelled digits
+            interpolation_grid(model, x[labelled], labels[labelled]), out_dir / "interpolation.png"
+        ),
         "samples": save_png(sample_grid(model, seed=cfg.seed), out_dir / "samples.png"),
         "reconstructions": save_png(reconstruction_grid(model, x), out_dir / "reconstructions.png"),
         "loss_curves": save_figure(loss_curves(history), out_dir / "loss_curves.png"),
     }
+    k = model.prior.n_components
+    if k:
+        truth = labels[labelled].cpu().numpy()
+        table = cluster_table(mixture_clusters(model, x[labelled.to(device)], cfg.batch_size), truth, k)
+        classes = np.unique(truth)
+        pictures["cluster_samples"] = save_figure(
+            cluster_samples(model, table, classes, cfg.seed), out_dir / "cluster_samples.png"
+        )
+        confusion = cluster_confusion(table, classes)
+        pictures["cluster_confusion"] = save_figure(confusion, out_dir / "cluster_confusion.png")
+    return pictures

@@ -7,8 +7,12 @@ read `CATALOGUE`; `tests/test_metric_catalogue.py` keeps the README table equal 
 A likelihood-dependent metric (`per_likelihood`) is a density, or a part of one,
 under the model's own p(x|z): a Bernoulli pmf on grey values and a Gaussian density
 are not numbers of one kind, so such a metric compares only models of one
-`model.likelihood`. The others (pixel MSE of the decoded mean, latent clustering
-scores) compare across likelihoods. Every metric compares only on the same test data.
+`model.likelihood`; it does compare across architectures and priors (`test.elbo` and
+`test.nll_iwae` bound the same log p(x) whatever the prior). The others (pixel MSE of the
+decoded mean, k-means scores, the linear probe) compare across every model. The mixture's
+own cluster scores (`mixture_only`) exist only for a prior with components (`model.prior:
+gmm`) and compare between such models, and with the k-means scores of any model. Every
+metric compares only on the same test data.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Metric:
     per_likelihood: bool  # True: comparable only between models of one `model.likelihood`
     integer: bool = False
     slack: float = 0.0  # the range check allows this much float rounding below `low`
+    mixture_only: bool = False  # reported only by models whose prior has components (q(c|x))
 
     @property
     def lower_is_better(self) -> bool | None:
@@ -37,6 +42,8 @@ class Metric:
 
     @property
     def comparable_across(self) -> str:
+        if self.mixture_only:
+            return "mixture priors"
         return "one likelihood" if self.per_likelihood else "all likelihoods"
 
 
@@ -49,7 +56,9 @@ _CATALOGUE = (
     Metric("test.recon_mse", LOWER, 0.0, 1.0, "mean squared error per pixel between x and the decoded z = mu", False),
     Metric("test.recon_bce", LOWER, 0.0, INF, "binary cross-entropy per test image (summed over pixels) between x "
            "and the decoded z = mu", True),
-    Metric("test.kl", None, 0.0, INF, "KL(q(z|x) ‖ N(0, I)) per test image in nats, closed form", True, slack=1e-3),
+    Metric("test.kl", None, 0.0, INF, "the ELBO's KL term per test image in nats against the model's prior: "
+           "KL(q(z|x) ‖ N(0, I)) in closed form, or for `gmm` VaDE's KL(q(z, c|x) ‖ p(z, c)) with q(c|x) taken "
+           "at z = mu", True, slack=1e-3),
     Metric("test.active_units", None, 0.0, INF, "latent dims with Cov_x(E[z|x]) > 0.01 (Burda et al. 2016, "
            "section 5.2); at most `model.latent_dim`", False, integer=True),
     Metric("latent.nmi", HIGHER, 0.0, 1.0, "normalised mutual information of k-means clusters "
@@ -59,17 +68,27 @@ _CATALOGUE = (
            "cluster-to-label map (Hungarian)", False),
     Metric("latent.silhouette", HIGHER, -1.0, 1.0, "mean silhouette of the same clusters in latent space "
            "(on a seeded subsample)", False),
+    Metric("latent.probe_accuracy", HIGHER, 0.0, 1.0, "linear probe: accuracy on the test images of a logistic "
+           "regression trained on the training images' latent means (standardised), the standard measure of "
+           "feature learning", False),
+    Metric("latent.mixture_nmi", HIGHER, 0.0, 1.0, "normalised mutual information of the model's own clusters, "
+           "argmax q(c|x) at z = mu, against the labels (mixture priors only)", False, mixture_only=True),
+    Metric("latent.mixture_ari", HIGHER, 0.0, 1.0, "adjusted Rand index of the model's own clusters",
+           False, mixture_only=True),
+    Metric("latent.mixture_accuracy", HIGHER, 0.0, 1.0, "unsupervised accuracy of the model's own clusters: "
+           "best one-to-one cluster-to-label map (Hungarian), as VaDE reports it", False, mixture_only=True),
 )  # fmt: skip
 
 CATALOGUE: dict[str, Metric] = {m.key: m for m in _CATALOGUE}
-METRIC_KEYS: tuple[str, ...] = tuple(CATALOGUE)
+METRIC_KEYS: tuple[str, ...] = tuple(k for k, m in CATALOGUE.items() if not m.mixture_only)  # every model's
+MIXTURE_METRIC_KEYS: tuple[str, ...] = tuple(k for k, m in CATALOGUE.items() if m.mixture_only)
 GATE_METRICS: tuple[str, ...] = tuple(k for k, m in CATALOGUE.items() if m.direction is not None)
 
 
 def gate_metric_problem(key: str) -> str | None:
     """Why `key` cannot be `register.metric`, or None: only catalogued metrics with a direction can."""
     if key in GATE_METRICS:
-        return None
+        return None  # a mixture-only key also needs a mixture prior: `params` checks the pair
     if key in CATALOGUE:
         return f"{key!r} has no better direction; use one of {', '.join(GATE_METRICS)}"
     return f"must be one of {', '.join(GATE_METRICS)}"

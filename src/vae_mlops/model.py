@@ -1,59 +1,108 @@
-"""The VAE of Kingma & Welling (2014): MLP encoder and decoder, losses, ELBO and IWAE.
+"""The VAE of Kingma & Welling (2014): an architecture, a prior and a likelihood; losses, ELBO and IWAE.
 
-The encoder outputs the mean and log standard deviation of a diagonal
-Gaussian q(z|x); `log_std` is used everywhere (log-variance = 2 * log_std).
+The architecture (`archs/`: the encoder and decoder), the prior p(z) (`priors/`) and the
+likelihood p(x|z) (`likelihoods/`) are each chosen by name in `VAEConfig`. The encoder
+outputs the mean and log standard deviation of a diagonal Gaussian q(z|x); `log_std` is
+used everywhere (log-variance = 2 * log_std).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vae_mlops.archs import Network, get_arch
 from vae_mlops.likelihoods import Likelihood, get_likelihood
+from vae_mlops.priors import Prior, get_prior
+from vae_mlops.priors.base import log_normal
+from vae_mlops.priors.normal import NormalPrior, kl_standard_normal
+
+if TYPE_CHECKING:  # only the section's fields are read
+    from vae_mlops.params import ModelParams
 
 LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """What rebuilds the network: stored in every checkpoint."""
+    """What rebuilds the network: stored in every checkpoint and, as JSON, in every model version.
+
+    Plain fields only. The defaults of the last four are the model every older file holds
+    (the `mlp` with an N(0, I) prior), so those files still load.
+    """
 
     input_dim: int
-    hidden_dim: int
+    hidden_dim: int  # the `mlp`'s and the `conv`'s dense layer
     latent_dim: int
     likelihood: str  # a name in `likelihoods.LIKELIHOODS`
+    arch: str = "mlp"  # a name in `archs.ARCHS`
+    hidden_dims: tuple[int, ...] = ()  # the `mlp-deep`'s hidden sizes, input side first
+    prior: str = "normal"  # a name in `priors.PRIORS`
+    n_components: int = 0  # of a mixture prior
+
+    def __post_init__(self) -> None:
+        dims = self.hidden_dims
+        if isinstance(dims, (str, bytes)) or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0
+                                                     for h in dims):
+            raise TypeError(f"hidden_dims must be a list of positive integers, got {dims!r}")
+        object.__setattr__(self, "hidden_dims", tuple(dims))  # a JSON list arrives as a list
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "hidden_dims": list(self.hidden_dims)}
+
+    @property
+    def fusable(self) -> bool:
+        """Whether `step.FusedELBO`, written for the `mlp` and N(0, I), computes this model's step."""
+        return self.arch == "mlp" and self.prior == "normal"
+
+
+def config_from_params(model: ModelParams, input_dim: int = 784) -> VAEConfig:
+    """The `VAEConfig` of params.yaml's `model` section, for images of `input_dim` pixels.
+
+    `hidden_dims` and `n_components` are kept only where the architecture or prior uses them, so
+    a config (and a model card) shows what shapes the network, and today's default stays as it was.
+    """
+    hidden_dims = tuple(model.hidden_dims) if get_arch(model.arch).uses_hidden_dims else ()
+    n_components = model.n_components if get_prior(model.prior).mixture else 0
+    return VAEConfig(
+        input_dim, model.hidden_dim, model.latent_dim, model.likelihood,
+        arch=model.arch, hidden_dims=hidden_dims, prior=model.prior, n_components=n_components,
+    )  # fmt: skip
 
 
 class VAE(nn.Module):
-    """Encoder Linear(784, h) -> ReLU -> (mu, log_std); decoder Linear(l, h) -> ReLU -> Linear(h, 784)."""
+    """q(z|x) and p(x|z) from the architecture's network, p(z) from the prior, the likelihood on the logits.
+
+    The network's layers are registered on the VAE itself under the network's names, so a
+    state_dict reads `fc1.weight`, ... (the `mlp`, as every older model file) and `prior.*`
+    for a learnable prior.
+    """
+
+    net: Network
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config
-        self.fc1 = nn.Linear(config.input_dim, config.hidden_dim)
-        self.fc_mu = nn.Linear(config.hidden_dim, config.latent_dim)
-        self.fc_log_std = nn.Linear(config.hidden_dim, config.latent_dim)
-        self.fc3 = nn.Linear(config.latent_dim, config.hidden_dim)
-        self.fc4 = nn.Linear(config.hidden_dim, config.input_dim)
+        net = get_arch(config.arch).build(config)
+        for name, child in net.named_children():
+            self.add_module(name, child)
+        self.__dict__["net"] = net  # not a submodule: its layers are, above, under their own names
+        self.prior: Prior = get_prior(config.prior)(config)
         self.likelihood: Likelihood = get_likelihood(config.likelihood)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = F.relu(self.fc1(x))
-        return self.fc_mu(h), self.fc_log_std(h)
+        return self.net.encode(x)
 
     def decode_hidden(self, z: Tensor) -> Tensor:
-        """relu(fc3(z)), the ReLU in place on fc3's fresh output: IWAE decodes k x B of these at once."""
-        return self.fc3(z).relu_()
+        """The input of the decoder's output layer (the `mlp`: relu(fc3(z))), where it ends in a Linear."""
+        return self.net.decode_hidden(z)
 
     def decode_logits(self, z: Tensor) -> Tensor:
-        return self.fc4(self.decode_hidden(z))
+        return self.net.decode_logits(z)
 
     def decode(self, z: Tensor) -> Tensor:
         """Pixel means E[x|z] on [0, 1], under the model's likelihood."""
@@ -65,6 +114,17 @@ class VAE(nn.Module):
         z = reparameterize(mu, log_std, eps)
         return self.decode_logits(z), mu, log_std
 
+    def loss_terms(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """(reconstruction, KL term) per image (B,) for the sample z = mu + eps * std: what training sums."""
+        mu, log_std = self.encode(x)
+        z = reparameterize(mu, log_std, eps)
+        return self.likelihood.recon_loss(self.decode_logits(z), x), self.prior.kl(mu, log_std, z)
+
+    def cluster_probs(self, x: Tensor) -> Tensor:
+        """q(c|x) (B, K) of a mixture prior, at z = mu: the clusters the model itself assigns."""
+        mu, _ = self.encode(x)
+        return self.prior.responsibilities(mu)
+
 
 def reparameterize(mu: Tensor, log_std: Tensor, eps: Tensor | None = None) -> Tensor:
     """z = mu + eps * exp(log_std), eps ~ N(0, I): differentiable in mu and log_std."""
@@ -73,9 +133,7 @@ def reparameterize(mu: Tensor, log_std: Tensor, eps: Tensor | None = None) -> Te
     return mu + eps * torch.exp(log_std)
 
 
-def kl_divergence(mu: Tensor, log_std: Tensor) -> Tensor:
-    """KL(q(z|x) || N(0, I)) per image, closed form (Kingma & Welling 2014, Appendix B)."""
-    return 0.5 * (mu.pow(2) + torch.exp(2 * log_std) - 1 - 2 * log_std).sum(-1)
+kl_divergence = kl_standard_normal  # KL(q(z|x) || N(0, I)) per image: the `normal` prior's term
 
 
 def recon_loss(logits: Tensor, x: Tensor, likelihood: str) -> Tensor:
@@ -102,22 +160,18 @@ def vae_loss(logits: Tensor, x: Tensor, mu: Tensor, log_std: Tensor, likelihood:
     return LossParts(recon + beta * kl, recon, kl)
 
 
-def log_normal(z: Tensor, mu: Tensor, log_std: Tensor) -> Tensor:
-    """log N(z; mu, diag(exp(log_std)^2)), summed over the last dimension."""
-    return (-0.5 * ((z - mu) * torch.exp(-log_std)).pow(2) - log_std - 0.5 * LOG_2PI).sum(-1)
-
-
 @torch.no_grad()
 def elbo(model: VAE, x: Tensor, generator: torch.Generator | None = None, eps: Tensor | None = None) -> Tensor:
-    """Single-sample ELBO per image in nats: log p(x|z) - KL(q || p) (Kingma & Welling 2014, eq. 10).
+    """Single-sample ELBO per image in nats: log p(x|z) - KL term of the prior (Kingma & Welling 2014, eq. 10).
 
+    The KL term is the prior's (`Prior.kl`): closed form for N(0, I), VaDE's for a mixture.
     `eps` (broadcast to (B, latent)) fixes the noise; one row for all images makes each score independent of the batch.
     """
     mu, log_std = model.encode(x)
     if eps is None:
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    logits = model.decode_logits(reparameterize(mu, log_std, eps))
-    return model.likelihood.log_prob(logits, x) - kl_divergence(mu, log_std)
+    z = reparameterize(mu, log_std, eps.expand_as(mu))
+    return model.likelihood.log_prob(model.decode_logits(z), x) - model.prior.kl(mu, log_std, z)
 
 
 @torch.no_grad()
@@ -141,9 +195,17 @@ def iwae_log_likelihood(
     b, latent = mu.shape
     eps = torch.randn((k, b, latent), generator=generator, device=mu.device, dtype=mu.dtype)
     z = mu + eps * torch.exp(log_std)  # (k, B, L)
-    # log p(z) - log q(z|x) = sum over latents of (eps^2 - z^2) / 2 + log_std: the log 2pi terms cancel, and
-    # two passes over the (k, B, L) tensors replace seven
-    log_pz_qz = eps.square_().sub_(z.square()).sum(-1).mul_(0.5).add_(log_std.sum(-1))  # (k, B); eps is spent
+    if isinstance(model.prior, NormalPrior):
+        # log p(z) - log q(z|x) = sum over latents of (eps^2 - z^2) / 2 + log_std: the log 2pi terms cancel, and
+        # two passes over the (k, B, L) tensors replace seven
+        log_pz_qz = eps.square_().sub_(z.square()).sum(-1).mul_(0.5).add_(log_std.sum(-1))  # (k, B); eps is spent
+    else:
+        log_pz_qz = model.prior.log_prob(z) - log_normal(z, mu, log_std)  # (k, B)
     per = max(1, chunk // b)
-    log_px = model.likelihood.iwae_log_px(model.decode_hidden, model.fc4, x, z, per, mm_dtype)  # (k, B)
+    out = model.net.output_layer()
+    if out is not None:  # a Linear last layer: the likelihood's fast path
+        log_px = model.likelihood.iwae_log_px(model.decode_hidden, out, x, z, per, mm_dtype)  # (k, B)
+    else:
+        logits = (model.decode_logits(zc) for zc in z.split(per))  # (n, B, D) each
+        log_px = torch.cat([model.likelihood.log_prob(lc, x.expand_as(lc)) for lc in logits])
     return torch.logsumexp(log_px + log_pz_qz, dim=0) - math.log(k)

@@ -10,23 +10,30 @@ words them (`train.epochs: must be > 0, got 0`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Mapping
 
+import torch
 import yaml
 from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, ValidationInfo
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
+from vae_mlops.archs import ARCHS
+from vae_mlops.datasets import known_datasets
 from vae_mlops.errors import VaeMlopsError
+from vae_mlops.metric_catalogue import gate_metric_problem
 from vae_mlops.likelihoods import LIKELIHOODS as LIKELIHOOD_REGISTRY
+from vae_mlops.priors import PRIORS
 from vae_mlops.precision import PRECISIONS
 
 DATASETS = ("mnist", "fashion-mnist")
 LIKELIHOODS = tuple(LIKELIHOOD_REGISTRY)  # one module each in vae_mlops/likelihoods/
 DEVICES = ("auto", "cpu", "cuda")
 LATENT_MAPS = ("pca", "tsne")
+SNAPSHOT_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")  # a snapshot of recorded traffic: <UTC time>-<sha256 prefix>
 
 
 class ParamsError(VaeMlopsError, ValueError):
@@ -73,27 +80,26 @@ def _cuda_here(v: str) -> str | None:
     """`cuda` only where torch sees a GPU: reported with every other problem."""
     if v != "cuda":
         return None
-    import torch  # only for this check: parsing params stays cheap for every other value
-
     return None if torch.cuda.is_available() else "is 'cuda' but no CUDA GPU is available here; use auto or cpu"
 
 
 def _extra_dataset_ok(v: str) -> str | None:
     # Datasets registered through VAE_EXTRA_DATASETS (e.g. tiny test data) are valid too.
-    from vae_mlops.datasets import known_datasets
-
     names = known_datasets()
     return None if v in names else f"must be one of {', '.join(sorted(names))}"
 
 
 def _gate_metric(v: str) -> str | None:
-    from vae_mlops.metric_catalogue import gate_metric_problem
-
     return gate_metric_problem(v)
 
 
 def _not_empty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
+
+
+def _snapshot_id(v: str) -> str | None:
+    ok = SNAPSHOT_ID.match(v)
+    return None if ok else "must be a snapshot id under data/incoming/ (like 20261206T041200Z-3fa2c1d0)"
 
 
 def _cron(v: str) -> str | None:
@@ -117,6 +123,10 @@ class DataParams:
     dataset: Annotated[str, Strict(), _rule(_extra_dataset_ok, on_load_only=True)]
     timeout_s: PositiveFloat
     retries: PositiveInt
+    # recorded traffic trained on besides the dataset (vae_mlops.snapshots): ids under data/incoming/
+    snapshots: tuple[Annotated[str, Strict(), _rule(_snapshot_id)], ...]
+    incoming_max_fraction: Annotated[float, Strict(), Field(ge=0, lt=1)]  # their largest share of the training set
+    incoming_holdout: Annotated[float, Strict(), Field(gt=0, lt=1)]  # held out of each: half validation, half test
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -124,6 +134,10 @@ class ModelParams:
     hidden_dim: PositiveInt
     latent_dim: PositiveInt
     likelihood: Annotated[str, Strict(), _rule(_one_of(*LIKELIHOODS))]
+    arch: Annotated[str, Strict(), _rule(_one_of(*ARCHS))]  # one module each in vae_mlops/archs/
+    hidden_dims: tuple[PositiveInt, ...]  # mlp-deep's hidden sizes, input side first
+    prior: Annotated[str, Strict(), _rule(_one_of(*PRIORS))]  # one module each in vae_mlops/priors/
+    n_components: PositiveInt  # of the gmm prior
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -143,6 +157,9 @@ class TrainParams:
     threads: NonNegativeInt  # 0: torch's default (OMP_NUM_THREADS under torchrun)
     distributed: Bool
     nproc: PositiveInt  # processes on this node; > 1: `python -m vae_mlops train` relaunches itself under torchrun
+    pretrain_epochs: NonNegativeInt  # autoencoder epochs before training, then the prior is fitted to its codes
+    lr_decay: Annotated[float, Strict(), Field(gt=0, le=1)]  # lr times this every `lr_decay_epochs` epochs
+    lr_decay_epochs: PositiveInt
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -178,6 +195,25 @@ class OrchestrateParams:
 
 
 @dataclass(frozen=True, config=SECTION)
+class ServeParams:
+    log_inputs: Bool  # record each answered image's 784 bytes, not only its scores
+    flush_s: PositiveFloat  # the recorder's longest wait before a commit: what a SIGKILL may lose
+
+
+@dataclass(frozen=True, config=SECTION)
+class MonitorParams:
+    window: Annotated[int, Strict(), Field(ge=10)]
+    false_alarm_rate: Annotated[float, Strict(), Field(gt=0, lt=1)]  # per check
+    calibration_rounds: Annotated[int, Strict(), Field(ge=100)]
+    mmd_decides: Bool  # the latent MMD flags windows too; false: computed and logged, the ELBO's KS decides
+    consecutive: PositiveInt  # windows in a row over a threshold = a drift
+    cooldown_s: NonNegativeFloat
+    cron: Annotated[str, Strict(), _rule(_cron)]
+    experiment: NonEmptyStr
+    seed: NonNegativeInt
+
+
+@dataclass(frozen=True, config=SECTION)
 class Params:
     data: DataParams
     model: ModelParams
@@ -186,6 +222,8 @@ class Params:
     register: RegisterParams
     mlflow: MlflowParams
     orchestrate: OrchestrateParams
+    serve: ServeParams
+    monitor: MonitorParams
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -236,6 +274,15 @@ def _cross_checks(p: Params) -> list[str]:
     problems = []
     if p.train.val_size >= 60_000 and p.data.dataset in DATASETS:
         problems.append("train.val_size: must leave training images (< 60000)")
+    if p.model.arch == "mlp-deep" and not p.model.hidden_dims:
+        problems.append("model.hidden_dims: mlp-deep needs at least one hidden size, e.g. [500, 500, 2000]")
+    if p.model.prior == "gmm" and p.model.n_components < 2:
+        problems.append(f"model.n_components: the gmm prior needs at least 2 components, got {p.model.n_components}")
+    if p.register.metric.startswith("latent.mixture_") and p.model.prior == "normal":
+        problems.append(f"register.metric: {p.register.metric} exists only for a mixture prior (model.prior: gmm)")
+    if p.train.cuda_graphs and p.train.lr_decay != 1.0:
+        problems.append("train.lr_decay: a CUDA graph replays the learning rate it captured; "
+                        "set train.cuda_graphs: false or train.lr_decay: 1.0")
     return problems
 
 
@@ -280,12 +327,24 @@ def read_raw(path: Path) -> dict[str, Any]:
     return raw
 
 
-def load_params(path: Path = Path("params.yaml"), overrides: Mapping[str, Any] | None = None) -> Params:
-    """Load and validate `params.yaml`, with optional dotted-key overrides."""
+def load_raw(path: Path, overrides: Mapping[str, Any] | None = None) -> Any:
+    """`params.yaml` as written (no validation, no type coercion), with dotted-key overrides applied."""
     raw = read_raw(path)
     if overrides:
         raw = apply_overrides(raw if isinstance(raw, Mapping) else {}, overrides)
-    return parse_params(raw, str(path))
+    return raw
+
+
+def load_params(
+    path: Path = Path("params.yaml"), overrides: Mapping[str, Any] | None = None, source: str | None = None
+) -> Params:
+    """Load and validate `params.yaml` with optional dotted-key overrides: every problem in one `ParamsError`.
+
+    `source` names what was loaded in that error (default: the file, and the overrides if any).
+    """
+    if source is None:
+        source = f"{path} with overrides {dict(overrides)}" if overrides else str(path)
+    return parse_params(load_raw(path, overrides), source)
 
 
 def parse_set_args(pairs: list[str]) -> dict[str, Any]:

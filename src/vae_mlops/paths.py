@@ -20,11 +20,13 @@ class Paths:
     def raw_dir(self, dataset: str) -> Path:
         return self.root / "data" / "raw" / dataset
 
-    def image_table(self, dataset: str) -> Path:
-        return self.raw_dir(dataset) / "images.parquet"
-
     def data_manifest(self, dataset: str) -> Path:
         return self.raw_dir(dataset) / "manifest.json"
+
+    # collect: snapshots of recorded traffic, one folder each, DVC-tracked (vae_mlops.snapshots)
+    @property
+    def incoming_dir(self) -> Path:
+        return self.root / "data" / "incoming"
 
     # train
     @property
@@ -91,6 +93,11 @@ class Paths:
     @property
     def mlflow_artifacts_dir(self) -> Path:
         return self.root / "mlartifacts"
+
+    # serving: local pyfunc folders rebuilt from verified weights (vae_mlops.serving)
+    @property
+    def serving_dir(self) -> Path:
+        return self.root / ".serving"
 
     # benchmark
     @property

@@ -1,17 +1,18 @@
-"""The registered model as MLflow runs it: a pyfunc over the VAE, chosen by the inference param `output`.
+"""The served VAE: MLflow's `loader_module` for this project's models, chosen by the inference param `output`.
 
-    model = mlflow.pyfunc.load_model("models:/vae-mnist@champion")
+    model = model_store.load_pyfunc("models:/vae-mnist@champion")   # verified; installed code only
     x = images.reshape(-1, 784).astype("float32") / 255           # (N, 784) on [0, 1]
     out = model.predict(x)                                         # reconstruction: (N, 784), decoded z = mu
     out = model.predict(x, params={"output": "mu"})                # (N, latent_dim); "log_std" likewise
     out = model.predict(x, params={"output": "elbo"})              # (N,) ELBO in nats; low = unlike training data
     out["values"], out["version"]                                  # the answer, and the registry version that gave it
 
-The weights come from the model's own artifacts (`model_store.vae_from_files`:
-`torch.load(weights_only=True)`), never from a pickle. Under `mlflow models serve`
-with `VAE_SERVE_FOLLOW=<name>@<alias>` set, the model follows the alias: every
+MLflow imports this module from the installed package (the MLmodel's `loader_module`)
+and calls `_load_pyfunc` on the folder's `data/vae/`: weights through
+`torch.load(weights_only=True)`, never a pickle, never code from the store. With
+`VAE_SERVE_FOLLOW=<name>@<alias>` set, the model follows the alias: every
 `VAE_SERVE_POLL_S` seconds it reads which version the alias names and, when that
-changes, loads the new weights beside the old ones and swaps them in one
+changes, verifies and loads the new weights beside the old ones and swaps them in one
 reference assignment; a request in flight finishes on the weights it started with.
 
 Bad input raises `MlflowException` (INVALID_PARAMETER_VALUE), which the scoring
@@ -20,6 +21,9 @@ server answers with HTTP 400 and the message; it names the problem and the limit
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import os
 import sys
@@ -32,18 +36,18 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-import yaml
+from mlflow.exceptions import MlflowException
 
-from vae_mlops import model_store
+from vae_mlops import inference_log, model_store
+from vae_mlops.model_store import DEFAULT_OUTPUT, OUTPUTS
 from vae_mlops.model import VAE, elbo
 
-OUTPUTS = ("reconstruction", "mu", "log_std", "elbo")
-DEFAULT_OUTPUT = "reconstruction"
 INPUT_DIM = 784
 MAX_ROWS = 1024  # images per request; at ~5 characters a value the JSON body is then about 4 MB
 ELBO_SEED = 0  # the single-sample ELBO's one noise row: an image gets the same score in any batch
 ENV_FOLLOW = "VAE_SERVE_FOLLOW"  # "<registered model>@<alias>", e.g. "vae-mnist@champion"
 ENV_POLL_S = "VAE_SERVE_POLL_S"
+ENV_RECORD = "VAE_SERVE_RECORD"  # "1" under `serve-model`: record every answered image (inference_log)
 DEFAULT_POLL_S = 10.0
 
 log = logging.getLogger(__name__)
@@ -60,7 +64,6 @@ class Served:
 
 
 def bad_input(message: str) -> Exception:
-    from mlflow.exceptions import MlflowException
 
     return MlflowException.invalid_parameter_value(message)
 
@@ -73,22 +76,30 @@ def check_output(params: dict[str, Any] | None) -> str:
 
 
 def check_images(model_input: Any) -> np.ndarray:
-    """(N, 784) float32 on [0, 1], 1 <= N <= MAX_ROWS, or a 400 that says what is wrong."""
+    """(N, 784) float32 on [0, 1], 1 <= N <= MAX_ROWS, or a 400 that says what is wrong.
+
+    An image comes as a row of 784 numbers in [0, 1], or as one string: the base64 of its
+    784 bytes (grey values 0-255), the compact form (`encode_images` writes it).
+    """
     if hasattr(model_input, "to_numpy"):  # a DataFrame, from `dataframe_split` input
         model_input = model_input.to_numpy()
     try:
         x = np.asarray(model_input)
     except (ValueError, TypeError) as exc:
         raise bad_input(f"input is not a rectangular array of numbers ({exc})") from None
+    if _is_string_column(x):
+        return decode_images(x.reshape(-1)).astype(np.float32) / np.float32(255)
     if x.dtype.kind not in "fiub":
         found = "strings" if x.dtype.kind in "SU" else "nulls, strings or nested lists"
-        raise bad_input(f"input must be numbers in [0, 1]; found {found} ({x.dtype} array)")
+        raise bad_input(
+            f"input must be numbers in [0, 1], or one base64 string of 784 bytes per image; found {found} "
+            f"({x.dtype} array of shape {x.shape})"
+        )
     if x.size == 0:
         raise bad_input("empty batch: send at least one image, a row of 784 values in [0, 1]")
     if x.ndim != 2 or x.shape[1] != INPUT_DIM:
         raise bad_input(f"each row must hold {INPUT_DIM} values (a flattened 28x28 image); got shape {x.shape}")
-    if x.shape[0] > MAX_ROWS:
-        raise bad_input(f"{x.shape[0]} images in one request: the limit is {MAX_ROWS}; split the batch")
+    _check_count(x.shape[0])
     x = x.astype(np.float32, copy=False)
     finite = np.isfinite(x)
     if not finite.all():
@@ -97,6 +108,56 @@ def check_images(model_input: Any) -> np.ndarray:
     if x.min() < 0 or x.max() > 1:
         raise bad_input(f"pixel values must lie in [0, 1] (grey / 255); got min {x.min():g}, max {x.max():g}")
     return x
+
+
+def _check_count(n: int) -> None:
+    if n > MAX_ROWS:
+        raise bad_input(f"{n} images in one request: the limit is {MAX_ROWS}; split the batch")
+
+
+def _is_string_column(x: np.ndarray) -> bool:
+    """One string per image: a list of strings, or a one-column table of them."""
+    if x.ndim == 2 and x.shape[1] == 1:
+        x = x[:, 0]
+    return x.ndim == 1 and x.size > 0 and (x.dtype.kind in "SU" or all(isinstance(v, str) for v in x[:1]))
+
+
+B64_CHARS = 4 * -(-INPUT_DIM // 3)  # 1048: 784 bytes in base64, with 2 padding characters
+_PAD = INPUT_DIM % 3 and 3 - INPUT_DIM % 3
+
+
+def encode_images(images: np.ndarray) -> list[str]:
+    """(N, 784) uint8 grey values -> one base64 string each: what a client sends instead of floats."""
+
+    return [base64.b64encode(row.tobytes()).decode("ascii") for row in np.ascontiguousarray(images, dtype=np.uint8)]
+
+
+def decode_images(strings: np.ndarray) -> np.ndarray:
+    """(N,) base64 strings of 784 bytes -> (N, 784) uint8, decoded in one call (no per-image Python)."""
+
+    _check_count(len(strings))
+    try:
+        text = "".join(strings.tolist()).encode("ascii")
+    except (TypeError, UnicodeEncodeError):
+        raise bad_input("an image string is not ASCII base64 (or the column mixes strings with other values)") from None
+    if len(text) != B64_CHARS * len(strings):
+        lengths = np.char.str_len(strings.astype(str))
+        row = int(np.argmax(lengths != B64_CHARS))
+        raise bad_input(
+            f"image {row}: base64 of {INPUT_DIM} bytes is {B64_CHARS} characters; got {int(lengths[row])} "
+            "(a flattened 28x28 image, one byte per pixel)"
+        )
+    chars = np.frombuffer(text, dtype=np.uint8).reshape(len(strings), B64_CHARS).copy()
+    if _PAD:  # padding only at each image's end; replaced, so the whole batch decodes as one string
+        if not (chars[:, -_PAD:] == ord("=")).all():
+            row = int(np.argmax(~(chars[:, -_PAD:] == ord("=")).all(axis=1)))
+            raise bad_input(f"image {row}: not the base64 of {INPUT_DIM} bytes (it must end with {'=' * _PAD})")
+        chars[:, -_PAD:] = ord("A")
+    try:
+        raw = base64.b64decode(chars.tobytes(), validate=True)
+    except binascii.Error as exc:
+        raise bad_input(f"an image is not valid base64 ({exc}); send the base64 of its 784 bytes") from None
+    return np.frombuffer(raw, dtype=np.uint8).reshape(len(strings), -1)[:, :INPUT_DIM]
 
 
 @torch.no_grad()
@@ -118,28 +179,30 @@ def elbo_noise(latent_dim: int) -> torch.Tensor:
     return torch.randn((1, latent_dim), generator=torch.Generator().manual_seed(ELBO_SEED))
 
 
-class VAEModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc `served_model.py` sets: validates input, answers with the current weights, follows an alias."""
+class VAEModel:
+    """The pyfunc `_load_pyfunc` returns: validates input, answers with the current weights, follows an alias."""
 
-    def load_context(self, context) -> None:
-        weights = Path(context.artifacts[model_store.WEIGHTS])
-        vae = model_store.vae_from_files(weights, Path(context.artifacts[model_store.CONFIG]))
-        self._served = Served(vae, None, None, _model_id(weights))
+    def __init__(self, served: Served, recorder: inference_log.Recorder | None = None) -> None:
+        self._served = served
+        self._recorder = recorder  # what the scoring server answered, for the monitor (inference_log)
         self._lock = threading.Lock()  # one reload at a time
         follow = os.environ.get(ENV_FOLLOW, "").strip()
         if follow:
             self._start_following(follow)
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    def predict(self, model_input, params: dict[str, Any] | None = None) -> dict[str, Any]:
         output = check_output(params)
         x = check_images(model_input)
         served = self._served  # one read: a swap mid-request cannot mix two versions
+        values = compute(served.vae, x, output)
+        if self._recorder is not None:  # only answered requests: a refused one raised above
+            self._recorder.record(served.vae, x, model_name=served.model_name, version=served.version)
         return {
             "output": output,
             "model_name": served.model_name,
             "version": served.version,
             "model_id": served.model_id,
-            "values": compute(served.vae, x, output),
+            "values": values,
         }
 
     # ------------------------------------------------------------ following an alias
@@ -195,12 +258,14 @@ class VAEModel(mlflow.pyfunc.PythonModel):
             return True
 
 
-def _model_id(weights: Path) -> str | None:
-    """The logged model's id from the MLmodel beside the artifacts (`<model>/artifacts/<file>`)."""
-    try:
-        return yaml.safe_load((weights.parent.parent / "MLmodel").read_text()).get("model_id")
-    except (OSError, AttributeError, yaml.YAMLError):
-        return None
+def _load_pyfunc(data_path: str) -> VAEModel:
+    """MLflow's `loader_module` entry point: the VAE from `data/vae/` of a folder `model_store` wrote."""
+    folder = Path(data_path)
+    vae = model_store.vae_from_files(folder / model_store.WEIGHTS_FILE, folder / model_store.CONFIG_FILE)
+    source_file = folder / model_store.SOURCE_FILE
+    source = json.loads(source_file.read_text()) if source_file.is_file() else {}
+    recorder = inference_log.Recorder.from_env() if os.environ.get(ENV_RECORD) == "1" else None
+    return VAEModel(Served(vae, source.get("model_name"), source.get("version"), source.get("model_id")), recorder)
 
 
 def _say(message: str) -> None:

@@ -23,15 +23,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import getpass
 import json
 import logging
 import os
+import re
 import socket
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
+
+from rich.table import Table
 
 from vae_mlops import model_store, tracking
 from vae_mlops.errors import VaeMlopsError
@@ -49,6 +54,9 @@ TAG_MODEL_SHA256 = "model.sha256"
 TAG_LIKELIHOOD = "model.likelihood"  # a likelihood-dependent metric compares only between versions of one
 TAG_METRIC = "metric."  # + metric key: the value on the test data of `data.hash`
 TAG_PROMOTION = "promotion"
+TAG_ROLLBACK = "rollback."  # + UTC time as digits: one JSON decision per rollback to this version
+ROLLED_BACK = "rolled back"
+ROLLBACK_COMMAND = 'make rollback VERSION=<n> REASON="<why>"'
 LOCK_TIMEOUT_S = 900.0  # a registration that re-scores a champion on full MNIST takes minutes
 VERIFY_ROUNDS = 5  # servers: re-read the alias this often before trusting it
 VERIFY_DELAY_S = 0.5
@@ -242,6 +250,7 @@ def register(
         if not locked:
             decision = _settle(reg, decision, run.run_id, candidate, cfg, rescore)
         record(reg, decision, promotion_log)
+        describe_version(reg, decision, candidate, run)
     return decision
 
 
@@ -313,8 +322,9 @@ def check_champion(reg: tracking.ModelRegistry, version: str) -> None:
     try:
         model_store.verify(f"models:/{reg.name}/{version}", reg.uri)
     except model_store.UnsafeModelError as exc:
+        how = "" if "make rollback" in str(exc) else f" Move the champion back with `{ROLLBACK_COMMAND}`."
         raise model_store.UnsafeModelError(
-            f"the gate refuses to compare with champion v{version} of {reg.name}: {exc}"
+            f"the gate refuses to compare with champion v{version} of {reg.name}: {exc}{how}"
         ) from None
 
 
@@ -335,7 +345,9 @@ def _champion(
     if cached in info.tags:
         return Champion(version, dataset, float(info.tags[cached]), rescored=True, likelihood=likelihood)
     log.info("champion v%s was scored on other test data: re-scoring it on the current test split", version)
+    started = time.monotonic()
     value = float(rescore(model_store.load_vae(f"models:/{reg.name}/{version}", reg.uri)))
+    log.info("champion v%s re-scored: %s = %.4f (%.0f s)", version, metric, value, time.monotonic() - started)
     reg.set_tags(version, {cached: repr(value)})
     return Champion(version, dataset, value, rescored=True, likelihood=likelihood)
 
@@ -377,32 +389,70 @@ def record(reg: tracking.ModelRegistry, decision: Decision, promotion_log: Path)
         decision.version,
         {TAG_PROMOTION: entry, "promotion.decision": decision.decision, "promotion.reason": decision.reason},
     )
-    promotion_log.parent.mkdir(parents=True, exist_ok=True)
-    with open(promotion_log, "a") as fh:  # one write per line: O_APPEND keeps lines whole
-        fh.write(entry + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_decision(promotion_log, entry, decision.version)
     log.info("%s v%s -> %s: %s", reg.name, decision.version, decision.alias, decision.reason)
+
+
+def append_decision(promotion_log: Path, entry: str, version: str) -> None:
+    """Append one decision (a JSON line) to the promotion log, whole or not at all."""
+    promotion_log.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(promotion_log, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        # A line torn by an earlier full disk has no newline: start ours on a fresh line so it stays whole.
+        size = os.fstat(fd).st_size
+        torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+        line = (b"\n" if torn else b"") + (entry + "\n").encode()
+        try:
+            # One write(2) on O_APPEND: concurrent appenders never interleave inside a line.
+            written = os.write(fd, line)
+            if written != len(line):  # a full disk mid-line: take the partial line back
+                os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR) - written)
+                raise OSError(28, "No space left on device")
+            os.fsync(fd)
+        except OSError as exc:
+            raise RegistryError(
+                f"could not append to {promotion_log}: {exc.strerror or exc}. Free disk space and rerun; "
+                f"the decision is tagged on version {version} (`make history` shows it)"
+            ) from exc
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- history
 
 
 def read_log(promotion_log: Path) -> list[dict]:
+    """Every whole line of the promotion log; a torn line (a write cut by a full disk) is reported and skipped."""
     if not promotion_log.is_file():
         return []
-    return [json.loads(line) for line in promotion_log.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(promotion_log.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            log.warning("%s line %d is torn or not a decision (skipped): %.80s", promotion_log, number, line)
+            continue
+        rows.append(row)
+    return rows
 
 
 def registry_history(reg: tracking.ModelRegistry) -> list[dict]:
     """Every decision tagged in the registry (all machines), oldest first."""
-    rows = [json.loads(v.tags[TAG_PROMOTION]) for v in reg.versions() if TAG_PROMOTION in v.tags]
+    rows = [
+        json.loads(value)
+        for v in reg.versions()
+        for key, value in v.tags.items()
+        if key == TAG_PROMOTION or key.startswith(TAG_ROLLBACK)
+    ]
     return sorted(rows, key=lambda r: r["time"])
 
 
 def history_table(rows: list[dict], title: str):
     """A rich Table: who was champion when, and why."""
-    from rich.table import Table
 
     table = Table(title=title)
     for col in ("time (UTC)", "version", "decision", "alias", "metric", "value", "champion", "reason", "commit"):
@@ -416,3 +466,170 @@ def history_table(rows: list[dict], title: str):
             f"{r['value']:.4f}", champ, r["reason"], r["git_commit"][:8],
         )  # fmt: skip
     return table
+
+
+# ---------------------------------------------------------------- rollback
+
+
+def rollback(reg: tracking.ModelRegistry, version: str, reason: str, metric: str, promotion_log: Path) -> Decision:
+    """Move `champion` back to `version`, a version this pipeline logged, and keep the record.
+
+    The version passes the gate's own checks first (registered through the gate, weights-only
+    format, read from its MLmodel file only); the decision is appended to the promotion log and
+    tagged on the version (`rollback.<time>`), so `make history` shows who was champion when.
+    The scoring server follows the alias, so it serves the version within one poll.
+    """
+    if not reason.strip():
+        raise RegistryError(f'a rollback needs a reason for the record: {ROLLBACK_COMMAND}')
+    with registration_lock(reg.uri):
+        known = {v.version: v for v in reg.versions()}
+        if version not in known:
+            listed = ", ".join(f"v{v}" for v in known) or "none"
+            raise RegistryError(
+                f"{reg.name} has no version {version!r} (versions: {listed}); `make history` lists them"
+            )
+        info = known[version]
+        if TAG_MODEL_SHA256 not in info.tags or TAG_PROMOTION not in info.tags:
+            raise RegistryError(
+                f"{reg.name} v{version} was not registered by this pipeline's gate (no {TAG_MODEL_SHA256!r} or "
+                f"{TAG_PROMOTION!r} tag); roll back only to a version `dvc repro` registered"
+            )
+        try:
+            model_store.verify(f"models:/{reg.name}/{version}", reg.uri)
+        except model_store.UnsafeModelError as exc:
+            raise model_store.UnsafeModelError(f"refusing to roll back to v{version}: {exc}") from None
+        current = reg.aliases().get(CHAMPION)
+        if current == version:
+            raise RegistryError(f"{reg.name} v{version} is the champion already; nothing to roll back")
+        before = known.get(current) if current else None
+        decision = _rollback_decision(reg.name, info, before, reason.strip(), metric)
+        reg.set_alias(CHAMPION, version)
+        entry = json.dumps(decision.to_dict(), sort_keys=True)
+        reg.set_tags(version, {TAG_ROLLBACK + re.sub(r"\D", "", decision.time[:23]): entry})  # digits only
+        append_decision(promotion_log, entry, version)
+        _note_rollback(reg, decision)
+    log.info("%s v%s -> %s: %s", reg.name, version, CHAMPION, decision.reason)
+    return decision
+
+
+def _metric_tag(info: tracking.VersionInfo | None, metric: str) -> float | None:
+    raw = info.tags.get(TAG_METRIC + metric) if info else None
+    return float(raw) if raw is not None else None
+
+
+def _rollback_decision(
+    name: str, info: tracking.VersionInfo, before: tracking.VersionInfo | None, reason: str, metric: str
+) -> Decision:
+    value = _metric_tag(info, metric)
+    return Decision(
+        time=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        model_name=name,
+        version=info.version,
+        alias=CHAMPION,
+        decision=ROLLED_BACK,
+        reason=f"rollback from v{before.version if before else '-'} by {_who()}: {reason}",
+        metric=metric,
+        lower_is_better=bool(gate_metric(metric).lower_is_better),
+        value=float("nan") if value is None else value,
+        champion_version=before.version if before else None,
+        champion_value=_metric_tag(before, metric),
+        dataset=info.tags.get(tracking.TAG_DATASET, "unknown"),
+        data_hash=info.tags.get(tracking.TAG_DATA_HASH, ""),
+        git_commit=info.tags.get(tracking.TAG_GIT_COMMIT, ""),
+        run_id=info.run_id,
+        likelihood=info.tags.get(TAG_LIKELIHOOD),
+        champion_likelihood=before.tags.get(TAG_LIKELIHOOD) if before else None,
+    )
+
+
+def _who() -> str:
+    """The person behind a rollback, for the record: git's user.name, else the login name."""
+    try:
+        name = subprocess.run(["git", "config", "user.name"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        name = ""
+    return name.strip() or os.environ.get("GIT_AUTHOR_NAME") or getpass.getuser()
+
+
+# ---------------------------------------------------------------- model cards
+
+SAFE_LOAD = (
+    "MLFLOW_TRACKING_URI=<store> python -c 'from vae_mlops.model_store import load_pyfunc; "
+    'model = load_pyfunc("models:/{name}@champion"); print(model.metadata.run_id)\''
+)
+
+
+def model_description(name: str) -> str:
+    """The registered model's card: what it is, what its aliases mean, and how to load it without unpickling."""
+    return f"""\
+**{name}**: a variational autoencoder (Kingma & Welling 2014) on 28x28 grey images, trained, evaluated and
+registered by the vae-mlops pipeline (`dvc repro`: download, train, evaluate, register).
+
+- **Input:** `(N, 784)` float32 pixel values on [0, 1]. **Output** (inference param `output`): `reconstruction`
+  (default), `mu`, `log_std`, or `elbo` (one novelty score per image, in nats).
+- **Aliases:** `champion` moves only through the promotion gate (`register.metric`, `register.min_delta`) or a
+  recorded rollback (`{ROLLBACK_COMMAND}`); `challenger` is the latest version that did not pass.
+  `make history` lists every decision.
+- **Format:** the VAE's `state_dict` and its config as JSON beside a models-from-code pyfunc; nothing in a
+  version is a pickle. **Load it safely** (weights only, `torch.load(weights_only=True)`, this package's code):
+
+```bash
+{SAFE_LOAD.format(name=name)}
+```
+
+  `load_pyfunc` checks the version's MLmodel against this format first and loads the weights with the installed
+  package's code; then `model.predict(x, params={{"output": "mu"}})["values"]`. Serve it with `make serve-model`.
+- Each version's card holds its test metrics and what they mean, its data, params, commit, the gate's decision
+  and links to its run and comparison report.
+"""
+
+
+def version_description(
+    decision: Decision, metrics: dict[str, float], params: dict[str, str], experiment_id: str
+) -> str:
+    """One version's card: the gate's decision, test metrics with their meaning, data, params, commit, links."""
+    run = f"#/experiments/{experiment_id}/runs/{decision.run_id}"
+    rows = "\n".join(
+        f"| `{k}` | {v:.4f} | {CATALOGUE[k].direction or '-'} | {CATALOGUE[k].meaning} |"
+        for k, v in metrics.items()
+        if k in CATALOGUE
+    )
+    shown = sorted(k for k in params if k.split(".")[0] in ("model", "train", "data", "evaluate", "register"))
+    param_rows = "\n".join(f"| `{k}` | `{params[k]}` |" for k in shown)
+    return f"""\
+**v{decision.version} of {decision.model_name}: {decision.decision}, alias `{decision.alias}`.**
+Gate: {decision.reason}
+
+- **Data:** `{decision.dataset}`, data hash `{decision.data_hash}` (sha256 over its files' sha256, as in
+  `data/raw/{decision.dataset}/manifest.json`)
+- **Commit:** `{decision.git_commit}`
+- **Run:** [{decision.run_id}]({run}); **comparison report** with its champion:
+  [`compare/compare.html`]({run}/artifactPath/compare/compare.html) in the run's artifacts
+
+| metric (test split) | value | better | meaning |
+| --- | --- | --- | --- |
+{rows}
+
+| param | value |
+| --- | --- |
+{param_rows or '| (not recorded) | |'}
+"""
+
+
+def describe_version(
+    reg: tracking.ModelRegistry, decision: Decision, candidate: Candidate, run: tracking.PipelineRun
+) -> None:
+    """Write the version's card and the registered model's card (the MLflow UI's descriptions)."""
+    summary = tracking.RunReader(reg.uri).run(run.run_id)
+    params = summary.params if summary else {}
+    text = version_description(decision, candidate.metrics, params, run.experiment_id)
+    reg.client.update_model_version(reg.name, decision.version, description=text)
+    reg.client.update_registered_model(reg.name, description=model_description(reg.name))
+
+
+def _note_rollback(reg: tracking.ModelRegistry, decision: Decision) -> None:
+    """Add the rollback to the top of the version's card, keeping the rest."""
+    card = reg.client.get_model_version(reg.name, decision.version).description or ""
+    when = decision.time[:19].replace("T", " ")
+    note = f"**Champion again by rollback** ({when} UTC): {decision.reason}\n\n"
+    reg.client.update_model_version(reg.name, decision.version, description=note + card)

@@ -5,7 +5,8 @@ Welling 2014) with no autograd graph to record; the likelihood supplies the reco
 sum and its gradient in the logits. In `bf16` the matmuls of its two wide layers run in
 bfloat16 while the weights (Adam's master copy), the likelihood, the KL and the sums stay in
 float32: the casts are written out, so no autocast dispatch runs. Autograd (`train.fused: false`, torch.compile)
-remains the reference the fused step is tested against.
+remains the reference the fused step is tested against, and the step of every model the fused maths does not
+cover (another architecture than the `mlp`, another prior than N(0, I): `VAEConfig.fusable`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim import optimizer as opt_mod
 
 from vae_mlops.distributed import Single
 from vae_mlops.likelihoods import Likelihood
-from vae_mlops.model import VAE, kl_divergence
+from vae_mlops.model import VAE, reparameterize
 from vae_mlops.params import TrainParams
 from vae_mlops.precision import resolve_precision
 
@@ -114,18 +117,18 @@ def fused_elbo(model: VAE, x: Tensor, eps: Tensor, mm_dtype: torch.dtype | None 
 class ELBOSums(nn.Module):
     """Module form of a batch's (recon, kl) sums, shape (2,): what DDP and torch.compile wrap.
 
-    `fused` runs `FusedELBO` (bf16: bfloat16 matmuls); otherwise autograd, under bf16 autocast
-    for `bf16`, with the loss always in float32. `precision` may be `auto` (see `precision.py`).
+    `fused` runs `FusedELBO` (bf16: bfloat16 matmuls) where the model is `fusable`; otherwise autograd,
+    under bf16 autocast for `bf16`, with the loss always in float32. `precision` may be `auto` (see `precision.py`).
     """
 
     def __init__(self, vae: VAE, precision: str, fused: bool) -> None:
         super().__init__()
-        self.vae, self.fused = vae, fused
+        self.vae, self.fused = vae, fused and vae.config.fusable
         self.precision = resolve_precision(precision, next(vae.parameters()).device)
         self.mm_dtype = torch.bfloat16 if self.precision == "bf16" else None  # None: the weights' own dtype
         # looked up once: the same tensors the optimiser holds (a model whose parameters are replaced needs
         # a new ELBOSums, as it needs a new optimiser); the lookup by name costs a share of a small step
-        self.params = layer_params(vae)
+        self.params = layer_params(vae) if self.fused else []
 
     def step_grads(self, x: Tensor, eps: Tensor, coef: Tensor) -> Tensor:
         """The fused step without autograd: returns the (recon, kl) sums and sets every `.grad` to d(coef . sums).
@@ -147,10 +150,13 @@ class ELBOSums(nn.Module):
         if self.fused:
             return fused_elbo(self.vae, x, eps, self.mm_dtype)
         with _autocast(x.device, self.precision):
-            logits, mu, log_std = self.vae(x, eps)
+            mu, log_std = self.vae.encode(x)
+            z = reparameterize(mu, log_std, eps)
+            logits = self.vae.decode_logits(z)
         wide = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> float32; float64 stays float64
         recon = self.vae.likelihood.recon_loss(logits.to(wide), x).sum()
-        return torch.stack([recon, kl_divergence(mu.to(wide), log_std.to(wide)).sum()])
+        kl = self.vae.prior.kl(mu.to(wide), log_std.to(wide), z.to(wide)).sum()
+        return torch.stack([recon, kl])
 
 
 def _autocast(device: torch.device, precision: str):
@@ -193,8 +199,6 @@ def adam_step(optimizer: torch.optim.Optimizer) -> None:
 
 def _fast_adam(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `adam_step` may call the kernel itself: exactly the case `make_optimizer` builds."""
-    from torch.optim import optimizer as opt_mod
-
     if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
         return False
     g = optimizer.param_groups[0]
@@ -272,8 +276,6 @@ def build_stepper(model: VAE, optimizer: torch.optim.Optimizer, cfg: TrainParams
         log.info("train.precision auto: %s on %s", sums.precision, device.type)
     module: nn.Module = sums
     if world.active:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         module = torch.compile(module)

@@ -21,12 +21,14 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from vae_mlops.denormals import flushed_denormals
 from vae_mlops.distributed import Single
 from vae_mlops.errors import VaeMlopsError
-from vae_mlops.model import VAE
-from vae_mlops.params import TrainParams
+from vae_mlops.model import VAE, config_from_params
+from vae_mlops.params import Params, TrainParams
+from vae_mlops.progress import eta_note
 from vae_mlops.step import ELBOSums, Stepper, build_stepper
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,16 @@ def resolve_device(name: str) -> torch.device:
 def make_optimizer(model: nn.Module, lr: float, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
     """Adam with its fused kernel: one pass over all parameters, float32 master weights in every precision."""
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=capturable)
+
+
+def build_state(params: Params, device: torch.device) -> TrainState:
+    """A fresh model, optimiser and noise generator, all seeded by `train.seed`."""
+    torch.manual_seed(params.train.seed)
+    config = config_from_params(params.model)
+    model = VAE(config).to(device)
+    noise = torch.Generator(device=device).manual_seed(params.train.seed)  # the same on every rank
+    capturable = params.train.cuda_graphs and device.type == "cuda"
+    return TrainState(model, make_optimizer(model, params.train.lr, device, capturable), noise)
 
 
 def to_unit_float(images: Tensor, device: torch.device) -> Tensor:
@@ -178,7 +190,6 @@ class _Progress:
     def __init__(self, total_batches: int, epoch: int, epochs: int, show: bool) -> None:
         self.bar = None
         if show and sys.stderr.isatty():
-            from tqdm import tqdm
 
             self.bar = tqdm(total=total_batches, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch")
 
@@ -257,6 +268,16 @@ def _epoch_summary(parts_log: Tensor, n: int, beta: float, world: Single) -> Ten
     return torch.cat([sums / n, torch.where(first_bad < steps, first_bad, -1.0)])
 
 
+def progress_note(epoch: int, epochs: int, done_here: int, seconds_here: float) -> str:
+    """'epoch 3/100 (3%), 0:00:12 so far, about 0:06:28 left', from the mean of this process's `done_here` epochs."""
+    return "epoch " + eta_note(epoch, epochs, seconds_here, "", done_timed=done_here)
+
+
+def learning_rate(cfg: TrainParams, epoch: int) -> float:
+    """Step decay: `lr` times `lr_decay` for every `lr_decay_epochs` epochs finished before `epoch` (1-based)."""
+    return cfg.lr * cfg.lr_decay ** ((epoch - 1) // cfg.lr_decay_epochs)
+
+
 def fit(
     state: TrainState,
     x_train: Tensor,
@@ -276,6 +297,8 @@ def fit(
     while state.epoch < cfg.epochs:
         t0 = time.perf_counter()
         epoch = state.epoch + 1
+        for group in state.optimizer.param_groups:  # a function of the epoch alone: a resumed run gets the same
+            group["lr"] = learning_rate(cfg, epoch)
         summary = train_epoch(state, x_train, cfg, likelihood, cfg.epochs, stepper, world)
         val = validation_means(state.model, x_val, cfg, epoch, world)  # queued before any read: one sync per epoch
         loss, recon, kl, bad, val_recon, val_kl = torch.cat([summary, val]).tolist()

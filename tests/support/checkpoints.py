@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import torch
 
+from pipeline import procs
 from vae_mlops import checkpoint
 
 
@@ -21,14 +21,13 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def wait_for(predicate, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended early:\n{proc.stdout.read() if proc.stdout else ''}")
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting")
+    """Return once `predicate()`; fail after `timeout`, or as soon as `proc` ends, with its output."""
+    alive = (lambda: proc.poll() is None) if proc is not None else None
+    try:
+        procs.wait_until(predicate, timeout, "the process", alive, poll_s=0.02)
+    except procs.NotReady as exc:
+        out = proc.stdout.read() if proc is not None and proc.stdout and proc.poll() is not None else ""
+        raise AssertionError(f"{exc}:\n{out}") from None
 
 
 def checkpoints(repo: Path) -> list[Path]:

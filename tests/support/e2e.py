@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
-from pipeline import dvcrun
+from pipeline import dvcrun, procs
 from tests.support.mlflow_store import fresh_store
 from tests.support.project import ROOT, tiny_raw_params
 
-PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "src", "pipeline"]
+PROJECT_FILES = [
+    "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "src", "pipeline",
+    "data/incoming/.gitkeep",  # train, evaluate and register depend on data/incoming (the snapshots)
+]  # fmt: skip
 
 
 def copy_project(dest: Path, store: bool = True, **overrides) -> Path:
@@ -53,4 +55,4 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, 
 
 
 def dvc(*args: str, cwd: Path, env: dict | None = None, check: bool = True):
-    return run([str(Path(sys.executable).parent / "dvc"), *args], cwd, env, check)
+    return run([procs.venv_bin("dvc"), *args], cwd, env, check)

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterator
 
 import requests
 
+from pipeline import procs
 from vae_mlops.ports import free_port
 
 
@@ -77,41 +75,27 @@ class MlflowServer(MlflowRestReads):
             fresh_store(folder)
 
     def start(self, timeout_s: float = 90) -> "MlflowServer":
-        mlflow_bin = Path(sys.executable).parent / "mlflow"
         cmd = [
-            str(mlflow_bin), "server",
+            procs.venv_bin("mlflow"), "server",
             "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
             "--artifacts-destination", str(self.folder / "mlartifacts"),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
         log = open(self.folder / "server.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.folder / 'server.log').read_text()[-2000:]}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=1).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        self.kill()
-        raise RuntimeError(f"mlflow server did not answer in {timeout_s}s")
+        proc = self.proc
+        try:
+            procs.wait_until(lambda: procs.http_ok(f"{self.url}/health"), timeout_s, "mlflow server",
+                             alive=lambda: proc.poll() is None)  # fmt: skip
+        except procs.NotReady as exc:
+            self.kill()
+            raise RuntimeError(f"{exc}: {(self.folder / 'server.log').read_text()[-2000:]}") from None
+        return self
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
         """Stop the server and its workers (its own process group, even once its leader has exited)."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:  # the whole group is gone already
-            pass
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=20)
+        if self.proc is not None:
+            procs.stop_process_group(self.proc, grace_s=20.0, first=sig)
 
     def api(self, method: str, endpoint: str, **kwargs) -> dict:
         resp = requests.request(method, f"{self.url}/api/2.0/mlflow/{endpoint}", timeout=30, **kwargs)

@@ -5,39 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
-import torch
-from torch import Tensor
 
-from vae_mlops import atomic, checkpoint, data, host_memory, images, metrics
-from vae_mlops.datasets import get_dataset
-from vae_mlops.model import VAE
+from vae_mlops import atomic, host_memory, images, metrics, snapshots
 from vae_mlops.params import Params
+from vae_mlops.stage_inputs import load_probe_split, load_test_split, load_trained
 from vae_mlops.paths import Paths
 from vae_mlops.tracking import PipelineRun
-from vae_mlops.train import resolve_device, to_unit_float
+from vae_mlops.train import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def load_test_split(params: Params, paths: Paths, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The test images as float32 (N, 784) on [0, 1] on the device, and their labels (N,) on the CPU."""
-    spec = get_dataset(params.data.dataset)
-    images_u8, labels = data.load_split(paths.raw_dir(params.data.dataset), spec, "test")
-    return to_unit_float(images_u8, device), labels
-
-
-def load_trained(paths: Paths, device: torch.device) -> tuple[VAE, dict]:
-    model, payload = checkpoint.load_model(paths.model_file, map_location=device)
-    return model.to(device).eval(), payload
-
-
-def read_metrics(path: Path) -> dict[str, float]:
-    """`reports/metrics.json`: flat, keyed as in `metrics.METRIC_KEYS` (`test.elbo`, ...)."""
-    if not path.is_file():
-        raise metrics.MetricsError([f"{path} not found: run the evaluate stage first (`dvc repro evaluate`)"])
-    return json.loads(path.read_text())
 
 
 def evaluate(params: Params, paths: Paths, run: PipelineRun | None = None) -> dict[str, float]:
@@ -51,7 +28,7 @@ def evaluate(params: Params, paths: Paths, run: PipelineRun | None = None) -> di
     device = resolve_device(params.train.device)
     model, payload = load_trained(paths, device)
     x, labels = load_test_split(params, paths, device)
-    scores = metrics.evaluate_model(model, x, labels, params.evaluate)
+    scores = metrics.evaluate_model(model, x, labels, params.evaluate, train=load_probe_split(params, paths, device))
     metrics.validate_metrics(scores, model.config.latent_dim)
     atomic.write_json(paths.metrics_file, scores)
     pictures = images.eval_pictures(model, x, labels, payload["history"], params.evaluate, paths.eval_images_dir)
@@ -61,8 +38,14 @@ def evaluate(params: Params, paths: Paths, run: PipelineRun | None = None) -> di
         scores["test.elbo"], scores["test.nll_iwae"], params.evaluate.iwae_samples,
         scores["latent.nmi"], scores["latent.ari"], len(x), seconds,
     )  # fmt: skip
+    if "latent.mixture_accuracy" in scores:
+        log.info(
+            "the mixture's own clusters: accuracy %.3f, NMI %.3f, ARI %.3f; linear probe %.3f",
+            scores["latent.mixture_accuracy"], scores["latent.mixture_nmi"], scores["latent.mixture_ari"],
+            scores["latent.probe_accuracy"],
+        )  # fmt: skip
     if run is not None:
-        test_hash = data.read_manifest(paths.raw_dir(params.data.dataset))["data_hash"]  # the data scored now
+        test_hash = snapshots.data_hash(params.data, paths)  # the data scored now, snapshots included
         run.log_datasets({"test": (x, labels)}, params.data.dataset, test_hash)
         run.log_metrics(scores)
         run.log_metrics({"evaluate/seconds": seconds})

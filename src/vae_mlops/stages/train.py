@@ -11,33 +11,33 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from vae_mlops import atomic, checkpoint, data, distributed, host_memory, images
-from vae_mlops.datasets import get_dataset
-from vae_mlops.model import VAE, VAEConfig
+from vae_mlops import atomic, checkpoint, data, distributed, host_memory, images, pretrain
+from vae_mlops.model import VAE
 from vae_mlops.params import Params, ParamsError
 from vae_mlops.paths import Paths
 from vae_mlops.precision import resolve_precision
+from vae_mlops.stage_inputs import load_train_data
 from vae_mlops.distributed import Single
 from vae_mlops.train import (
     EpochStats,
     TrainState,
+    build_state,
     fit,
-    make_optimizer,
+    progress_note,
     resolve_device,
-    split_train_val,
-    to_unit_float,
 )
 
 log = logging.getLogger(__name__)
 
-CODE_FILES = ("model.py", "train.py", "step.py", "likelihoods/*.py")  # a change here invalidates resumable checkpoints
+# a change here invalidates resumable checkpoints
+CODE_FILES = ("model.py", "train.py", "step.py", "pretrain.py", "likelihoods/*.py", "archs/*.py", "priors/*.py")
 
 class RunLogger(Protocol):
     """Where the train stage reports each epoch (MLflow in production, nothing in unit tests)."""
@@ -58,26 +58,6 @@ class NullLogger:
 
     def log_datasets(self, splits: dict[str, tuple[Tensor, Tensor | None]], dataset: str, data_hash: str) -> None:
         pass
-
-
-@dataclass(frozen=True)
-class TrainData:
-    """The training and validation tensors on the device, and the data's identity."""
-
-    x_train: Tensor
-    x_val: Tensor
-    manifest: dict
-
-
-def load_train_data(params: Params, paths: Paths, device: torch.device) -> TrainData:
-    """Load the training split once into one float tensor on the device and hold out `val_size`."""
-    spec = get_dataset(params.data.dataset)
-    raw_dir = paths.raw_dir(params.data.dataset)
-    manifest = data.read_manifest(raw_dir)
-    images_u8, _ = data.load_split(raw_dir, spec, "train")
-    train_idx, val_idx = split_train_val(len(images_u8), params.train.val_size, params.train.seed)
-    x = to_unit_float(images_u8, device)
-    return TrainData(x[train_idx], x[val_idx], manifest)
 
 
 def code_hash() -> str:
@@ -105,16 +85,6 @@ def checkpoint_key(params: Params, data_hash: str, device: torch.device, world_s
         "code": code_hash(),
     }
     return checkpoint.run_key(identity)
-
-
-def build_state(params: Params, device: torch.device) -> TrainState:
-    """A fresh model, optimiser and noise generator, all seeded by `train.seed`."""
-    torch.manual_seed(params.train.seed)
-    config = VAEConfig(784, params.model.hidden_dim, params.model.latent_dim, params.model.likelihood)
-    model = VAE(config).to(device)
-    noise = torch.Generator(device=device).manual_seed(params.train.seed)  # the same on every rank
-    capturable = params.train.cuda_graphs and device.type == "cuda"
-    return TrainState(model, make_optimizer(model, params.train.lr, device, capturable), noise)
 
 
 def restore(state: TrainState, ckpt: dict) -> None:
@@ -217,18 +187,24 @@ def _train(params: Params, paths: Paths, logger: RunLogger | None, device: torch
         log.info("resuming from checkpoint %s epoch %d", key, state.epoch)
         for row in state.history:  # a new run (or a rerun after a tracking fault) still gets every epoch
             logger.log_epoch(EpochStats(**row))
+    else:  # a fresh start: the autoencoder pretraining and the prior's fit, when `train.pretrain_epochs` asks
+        pretrain.initialise(state.model, td.x_train, cfg)
+
+    clock = {"first": state.epoch, "seconds": 0.0}  # this process's epochs, for the time left
 
     def on_epoch(stats: EpochStats, st: TrainState) -> None:
         if not world.is_main:
             return
+        clock["seconds"] += stats.seconds
         checkpoint.save_epoch(paths.checkpoints_dir, key, st.epoch, checkpoint_payload(st, params, data_hash))
         write_history(paths.history_file, st.history)
         if st.epoch % cfg.image_every == 0 or st.epoch == cfg.epochs:
             logger.log_images(write_grids(st.model, td.x_val, paths, cfg.seed), st.epoch)
         logger.log_epoch(stats)
         log.info(
-            "epoch %d/%d  train %.2f (recon %.2f, kl %.2f)  val %.2f  %.2fs",
-            stats.epoch, cfg.epochs, stats.train_loss, stats.train_recon, stats.train_kl, stats.val_loss, stats.seconds,
+            "%s  train %.2f (recon %.2f, kl %.2f)  val %.2f  %.2fs",
+            progress_note(stats.epoch, cfg.epochs, stats.epoch - clock["first"], clock["seconds"]),
+            stats.train_loss, stats.train_recon, stats.train_kl, stats.val_loss, stats.seconds,
         )  # fmt: skip
 
     if world.is_main:

@@ -1,7 +1,7 @@
 """The one door to MLflow: the store, the pipeline's run, the train logger, the registry.
 
-Nothing else in the package imports `mlflow`, and these modules import it inside
-their functions, so the download stage and the unit tests never pay for it.
+The core (params, data, model, training) never imports `mlflow`; this package and the model
+format (`model_store`, `pyfunc`) do, and `tests/test_architecture.py` holds them to it.
 
 One pipeline run is one MLflow run. The train stage creates it and writes its id
 to `reports/mlflow_run.json` (a DVC output of train); evaluate and register
@@ -14,73 +14,76 @@ unless `MLFLOW_TRACKING_URI` names another one (a tracking server, say).
 The door is split by concern: `store` (which store, reachability, a client,
 `use_store`), `runs` (the pipeline's run and the train logger), `registry_client`
 (the Model Registry) and `reader` (read-only calls for the comparison report).
-`from vae_mlops import tracking` gives all of them, as before the split.
+`from vae_mlops import tracking` gives the names other modules use; anything else
+is imported from its own module.
 """
 
 from __future__ import annotations
 
-from vae_mlops.tracking.store import (  # noqa: F401
-    REACH_TIMEOUT_S,
-    HTTP_DEFAULTS,
-    ENV_TRACKING_URI,
-    ENV_REGISTRY_URI,
-    ENV_DVC_EXP_NAME,
-    ENV_DVC_ROOT,
-    DVC_EXEC_DIR,
-    TrackingError,
-    tracking_uri,
-    workspace_root,
-    dvc_experiment,
-    local_store_path,
-    is_server,
-    check_reachable,
-    connect,
-    use_store,
-    mlflow_client,
-    error_code,
-    ensure_experiment,
-)
-from vae_mlops.tracking.runs import (  # noqa: F401
-    TAG_GIT_COMMIT,
-    TAG_GIT_DIRTY,
-    TAG_DATASET,
-    TAG_DATA_HASH,
-    TAG_DATA_SHA256,
-    TAG_DEVICE,
-    TAG_TORCH,
-    TAG_PRECISION,
-    TAG_DVC_EXPERIMENT,
-    TAG_DESCRIPTION,
+from vae_mlops.tracking.reader import RunReader, RunSummary
+from vae_mlops.tracking.registry_client import ModelRegistry, VersionInfo
+from vae_mlops.tracking.runs import (
     EPOCH_METRICS,
-    DATASET_DIGEST_CHARS,
-    INPUT_CONTEXT_TAG,
-    SYSTEM_METRICS_INTERVAL_S,
+    TAG_DATA_HASH,
+    TAG_DATASET,
+    TAG_DESCRIPTION,
+    TAG_DVC_EXPERIMENT,
+    TAG_GIT_COMMIT,
+    TAG_PRECISION,
+    MlflowRunLogger,
+    PipelineRun,
     git_state,
-    run_tags,
-    describe,
+    is_logging_rank,
+    resume_run,
     run_name,
     run_name_from_params,
-    PipelineRun,
-    dataset_input,
-    is_logging_rank,
-    start_run,
-    resume_run,
+    run_tags,
     stage_run,
-    MlflowRunLogger,
     train_run,
-    start_system_metrics,
-    stop_system_metrics,
 )
-from vae_mlops.tracking.registry_client import (  # noqa: F401
-    VersionInfo,
-    ModelRegistry,
-)
-from vae_mlops.tracking.reader import (  # noqa: F401
-    RunSummary,
-    RunReader,
+from vae_mlops.tracking.store import (
+    REACH_TIMEOUT_S,
+    TrackingError,
+    check_reachable,
+    connect,
+    ensure_experiment,
+    local_store_path,
+    mlflow_client,
+    tracking_uri,
+    use_store,
+    workspace_root,
 )
 
-# The names other modules and tests used before the split.
-_client = mlflow_client
-_error_code = error_code
-_experiment_id = ensure_experiment
+__all__ = [
+    "EPOCH_METRICS",
+    "REACH_TIMEOUT_S",
+    "TAG_DATASET",
+    "TAG_DATA_HASH",
+    "TAG_DESCRIPTION",
+    "TAG_DVC_EXPERIMENT",
+    "TAG_GIT_COMMIT",
+    "TAG_PRECISION",
+    "MlflowRunLogger",
+    "ModelRegistry",
+    "PipelineRun",
+    "RunReader",
+    "RunSummary",
+    "TrackingError",
+    "VersionInfo",
+    "check_reachable",
+    "connect",
+    "ensure_experiment",
+    "git_state",
+    "is_logging_rank",
+    "local_store_path",
+    "mlflow_client",
+    "resume_run",
+    "run_name",
+    "run_name_from_params",
+    "run_tags",
+    "stage_run",
+    "tracking_uri",
+    "train_run",
+    "use_store",
+    "workspace_root",
+]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
+
 from vae_mlops.tracking.registry_client import VersionInfo
 from vae_mlops.tracking.store import error_code, mlflow_client
 
@@ -29,8 +32,6 @@ class RunReader:
 
     def run(self, run_id: str) -> RunSummary | None:
         """The run, or None when the store has no run with this id."""
-        from mlflow.exceptions import MlflowException
-
         try:
             run = self.client.get_run(run_id)
         except MlflowException as exc:
@@ -51,8 +52,6 @@ class RunReader:
 
     def runs_tagged(self, key: str, value: str) -> list[str]:
         """Ids of the runs in any active experiment whose tag `key` equals `value`, newest first."""
-        from mlflow.entities import ViewType
-
         ids = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
         if not ids:
             return []
@@ -62,8 +61,6 @@ class RunReader:
 
     def model_version(self, name: str, version_or_alias: str) -> VersionInfo | None:
         """A registered version by number or alias, or None when there is no such version."""
-        from mlflow.exceptions import MlflowException
-
         try:
             if version_or_alias.isdigit():
                 mv = self.client.get_model_version(name, version_or_alias)

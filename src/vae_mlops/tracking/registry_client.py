@@ -1,8 +1,11 @@
-"""The Model Registry of one registered model: versions, aliases, tags, loading a version's VAE."""
+"""The Model Registry of one registered model: versions, aliases, tags."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import mlflow
+from mlflow.exceptions import MlflowException
 
 from vae_mlops.tracking.store import error_code, mlflow_client, use_store
 
@@ -17,7 +20,7 @@ class VersionInfo:
 
 
 class ModelRegistry:
-    """The registry's calls for one registered model: versions, aliases, tags, loading."""
+    """The registry's calls for one registered model: versions, aliases, tags."""
 
     def __init__(self, name: str, uri: str) -> None:
         self.name = name
@@ -26,7 +29,6 @@ class ModelRegistry:
 
     def aliases(self) -> dict[str, str]:
         """alias -> version; empty while the model has no version."""
-        from mlflow.exceptions import MlflowException
 
         try:
             model = self.client.get_registered_model(self.name)
@@ -53,7 +55,6 @@ class ModelRegistry:
         return None
 
     def create_version(self, model_uri: str, run_id: str, tags: dict[str, str]) -> VersionInfo:
-        import mlflow
 
         with use_store(self.uri):
             mv = mlflow.register_model(model_uri, self.name, tags=tags)
@@ -65,9 +66,3 @@ class ModelRegistry:
     def set_tags(self, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, version, key, value)
-
-    def load_vae(self, version: str):
-        """The VAE of a registered version from its weights and config only (`model_store.load_vae`)."""
-        from vae_mlops import model_store
-
-        return model_store.load_vae(f"models:/{self.name}/{version}", self.uri)

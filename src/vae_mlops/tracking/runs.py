@@ -9,21 +9,29 @@ logged model sit side by side in the UI's compare view.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import logging
 import os
-import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+import mlflow.data
+import torch
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_RUN_CONTEXT
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from torch import Tensor
 
 from vae_mlops import atomic
+from vae_mlops.images import to_hwc_uint8
 from vae_mlops.params import Params
 from vae_mlops.paths import Paths
 from vae_mlops.precision import resolve_precision
+from vae_mlops.provenance import git_state
 from vae_mlops.tracking.store import (
     TrackingError,
     check_reachable,
@@ -70,26 +78,8 @@ SYSTEM_METRICS_INTERVAL_S = 10.0
 # ---------------------------------------------------------------- provenance
 
 
-def git_state(root: Path) -> tuple[str, str]:
-    """(commit, "true"/"false" dirty) of the repo holding `root`; "unknown" outside git.
-
-    Only tracked files count, and not `dvc.lock`: DVC rewrites it between stages.
-    """
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30).stdout
-
-    try:
-        commit = git("rev-parse", "HEAD").strip()
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock").strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", "unknown"
-    return commit, "true" if dirty else "false"
-
-
 def run_tags(params: Params, paths: Paths, device: str, manifest: dict) -> dict[str, str]:
     """Git commit and dirty flag, the data's sha256 values and hash, dataset, device, torch version."""
-    import torch
-
     commit, dirty = git_state(paths.root)
     tags = {
         TAG_GIT_COMMIT: commit,
@@ -149,25 +139,17 @@ class PipelineRun:
         return self._client
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
         self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_image(self, grid: Tensor, key: str, step: int) -> None:
         """A (C, H, W) grid on [0, 1] as a stepped image: the UI's image view slides through the steps."""
-        from vae_mlops.images import to_hwc_uint8  # matplotlib and torchvision load only when a picture is logged
-
         self.client.log_image(self.run_id, to_hwc_uint8(grid), key=key, step=step, synchronous=True)
 
     def log_datasets(self, splits: dict[str, tuple[Any, Any]], dataset: str, data_hash: str) -> None:
@@ -188,12 +170,6 @@ class PipelineRun:
     def to_dict(self) -> dict[str, str]:
         return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": self.uri}
 
-    def log_model(self, vae, input_example, tags: dict[str, str], metrics: dict[str, float] | None = None) -> str:
-        """The VAE in the weights-only format (`model_store.log_vae`); returns `models:/<model_id>`."""
-        from vae_mlops import model_store
-
-        return model_store.log_vae(self, vae, input_example, tags, metrics)
-
 
 def dataset_input(dataset: str, split: str, features: Any, targets: Any, data_hash: str):
     """An MLflow dataset input: name `<dataset>-<split>`, digest = the data hash, context = the split.
@@ -201,11 +177,6 @@ def dataset_input(dataset: str, split: str, features: Any, targets: Any, data_ha
     One name per split: MLflow keeps one profile (row count, shapes) per name and digest.
     The digest column holds 36 characters; the run's `data.hash` tag holds all 64.
     """
-    import warnings
-
-    import mlflow.data
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
     def as_numpy(a: Any):
         return a.detach().cpu().numpy() if isinstance(a, Tensor) else a
 
@@ -220,6 +191,20 @@ def dataset_input(dataset: str, split: str, features: Any, targets: Any, data_ha
     return DatasetInput(entity, tags=[InputTag(INPUT_CONTEXT_TAG, split)])
 
 
+def source_tags(name: str) -> dict[str, str]:
+    """MLflow's documented system tags for who ran what (the UI's "User" and "Source" columns), and the tags a
+    caller passes in `MLFLOW_RUN_CONTEXT` (a JSON object; the Prefect flow names its run there).
+
+    `mlflow.start_run` adds them itself; a run made with `MlflowClient.create_run` gets them here.
+    """
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a bare container)
+        user = "unknown"
+    context = json.loads(MLFLOW_RUN_CONTEXT.get() or "{}")
+    return {"mlflow.user": user, "mlflow.source.type": "LOCAL", "mlflow.source.name": name, **context}
+
+
 def is_logging_rank() -> bool:
     """Under torchrun only rank 0 talks to MLflow."""
     return os.environ.get("RANK", "0") == "0"
@@ -227,12 +212,10 @@ def is_logging_rank() -> bool:
 
 def start_run(params: Params, paths: Paths, device: str, manifest: dict) -> PipelineRun:
     """Create the pipeline's run with every param and the provenance tags; record it in the run file."""
-    from mlflow.tracking.context.registry import resolve_tags
-
     uri = tracking_uri(paths)
     client = mlflow_client(uri)
     experiment_id = ensure_experiment(client, params.mlflow.experiment, uri)
-    tags = resolve_tags({"mlflow.source.name": "vae_mlops train", **run_tags(params, paths, device, manifest)})
+    tags = {**source_tags("vae_mlops train"), **run_tags(params, paths, device, manifest)}
     info = client.create_run(experiment_id, run_name=run_name(params), tags=tags).info
     run = PipelineRun(info.run_id, experiment_id, uri, client)
     run.log_params(params.flat())
@@ -375,8 +358,6 @@ def train_run(params: Params, paths: Paths, device: str, manifest: dict) -> Iter
 
 def start_system_metrics(run: PipelineRun):
     """MLflow's system metrics monitor (CPU, memory, disk, network, GPU) on the run while training; None if it fails."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
     try:
         monitor = SystemMetricsMonitor(run.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=run.uri)
         monitor.start()

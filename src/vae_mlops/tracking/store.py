@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
+import mlflow
+import requests
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
 from vae_mlops.errors import VaeMlopsError
 from vae_mlops.paths import Paths
 
@@ -86,8 +91,6 @@ def is_server(uri: str) -> bool:
 def check_reachable(uri: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
     """Raise `TrackingError` within about `timeout_s` when the store cannot be used."""
     if is_server(uri):
-        import requests
-
         try:
             resp = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
         except requests.RequestException as exc:
@@ -125,8 +128,6 @@ def use_store(uri: str) -> Iterator[None]:
     (`mlflow.set_tracking_uri` writes `MLFLOW_TRACKING_URI` there), so one stage's
     store never leaks into the next call or into child processes.
     """
-    import mlflow
-
     env = {k: os.environ.get(k) for k in (ENV_TRACKING_URI, ENV_REGISTRY_URI)}
     # None: MLflow found no explicit choice (or only the environment's, which is restored below)
     tracking_before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
@@ -150,8 +151,6 @@ def use_store(uri: str) -> Iterator[None]:
 
 
 def mlflow_client(uri: str):
-    from mlflow import MlflowClient
-
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -161,8 +160,6 @@ def error_code(exc: BaseException) -> str | None:
 
 def ensure_experiment(client, name: str, uri: str) -> str:
     """The experiment's id, created on first use (artifacts beside a sqlite store, not in the cwd)."""
-    from mlflow.exceptions import MlflowException
-
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
