@@ -33,7 +33,7 @@ def test_flow_passes_each_override_as_dash_s():
 
 
 @pytest.mark.parametrize("given, seen", [
-    ("../shared/data/mnist", str((ROOT / "../shared/data/mnist").resolve())),
+    ("../shared/data/mnist", os.path.normpath(ROOT / "../shared/data/mnist")),  # make's abspath: no symlink resolved
     ("mirror", str(ROOT / "mirror")),
     ("/abs/mirror", "/abs/mirror"),
     ("file:///abs/mirror", "file:///abs/mirror"),
