@@ -12,20 +12,15 @@ import pytest
 import torch
 import yaml
 
+from tests.support import browser
 from tests.support.e2e import copy_project, dvc
 from tests.support.mlflow_store import fresh_store
 from tests.support.project import tiny_raw_params
-from tests.support.requires import require
 from vae_mlops import cli, compare, tracking
 from vae_mlops.model import VAE, VAEConfig
 from vae_mlops.params import EvaluateParams
 from vae_mlops.paths import Paths
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run",
-]  # fmt: skip
 # Appended to a copy of the page: records what the browser rendered, for --dump-dom to show.
 PROBE = """<script>
 window.addEventListener("load", () => {
@@ -41,18 +36,7 @@ CFG = EvaluateParams(iwae_samples=8, batch_size=100, seed=0, n_clusters=10, late
 
 def render(html: Path, tmp_path: Path) -> dict[str, str]:
     """Open the page in headless Chromium; what it drew: `images` ("drawn/total") and `metric-rows`."""
-    require(CHROMIUM.exists(), f"Chromium ({CHROMIUM})", "`make setup` installs Debian's chromium")
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    probed = tmp_path / "probed.html"
-    probed.write_text(html.read_text().replace("</body>", PROBE + "</body>"))
-    cmd = [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}",
-           "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    body = re.search(r"<body([^>]*)>", proc.stdout)
-    assert body, f"Chromium printed no DOM (rc {proc.returncode}): {proc.stderr[-2000:]}"
-    drawn = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body.group(1)))
-    assert "images" in drawn, f"the page's load event never came: {proc.stdout[:500]}"
-    return drawn
+    return browser.render(html.read_text(), PROBE, tmp_path)
 
 
 def assert_self_contained(html: str) -> None:

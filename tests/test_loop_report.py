@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 
 import pytest
 
-from tests.test_compare import CHROMIUM, CHROMIUM_FLAGS, assert_self_contained
+from tests.support import browser
+from tests.test_compare import assert_self_contained
 from vae_mlops.loop_report import Check, Marker, Phase, Timeline, render_html, write
 
 # Appended to a copy of the page: what the browser drew, for --dump-dom to show.
@@ -47,17 +46,7 @@ def timeline() -> Timeline:
 
 def render(html: str, tmp_path) -> dict[str, str]:
     """Open the page in headless Chromium; what it drew."""
-    assert CHROMIUM.exists(), "Chromium is not installed: `make setup` installs Debian's chromium"
-    probed = tmp_path / "probed.html"
-    probed.write_text(html.replace("</body>", PROBE + "</body>"))
-    cmd = [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}",
-           "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    body = re.search(r"<body([^>]*)>", proc.stdout)
-    assert body, f"Chromium printed no DOM (rc {proc.returncode}): {proc.stderr[-2000:]}"
-    drawn = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body.group(1)))
-    assert "images" in drawn, f"the page's load event never came: {proc.stdout[:500]}"
-    return drawn
+    return browser.render(html, PROBE, tmp_path)
 
 
 def test_the_loop_page_renders_whole_in_chromium(tmp_path):

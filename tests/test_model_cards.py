@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.support.browser import CHROMIUM, CHROMIUM_FLAGS
 from tests.support.mlflow_store import fresh_store, mlflow_server
 from vae_mlops import registry, tracking
 from vae_mlops.metric_catalogue import CATALOGUE
@@ -19,11 +20,6 @@ from vae_mlops.params import RegisterParams
 
 METRIC = "test.nll_iwae"
 NAME = "vae-mnist"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run",
-]  # fmt: skip
 
 
 def _candidate(value: float, seed: int) -> registry.Candidate:
