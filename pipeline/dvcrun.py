@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -44,6 +45,24 @@ RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 class CommandFailed(VaeMlopsError):
     """A DVC command exited non-zero or ran past its deadline; the message ends with its last lines."""
+
+
+# What a fresh checkout of this pipeline needs to run it (tests' projects, `make loop-demo`'s workspace)
+PIPELINE_FILES = (
+    "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "src", "pipeline",
+    "data/incoming/.gitkeep",  # train, evaluate and register depend on data/incoming (the snapshots)
+)  # fmt: skip
+
+
+def copy_pipeline(source: Path, dest: Path) -> None:
+    """Copy the pipeline's files from the checkout `source` into the folder `dest` (no caches, no build metadata)."""
+    for name in PIPELINE_FILES:
+        src = source / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
 
 
 def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

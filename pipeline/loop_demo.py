@@ -56,8 +56,6 @@ from vae_mlops.ports import LOOPBACK, free_port
 log = logging.getLogger("loop-demo")
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "src", "pipeline",
-                 "data/incoming/.gitkeep")  # fmt: skip
 REQUEST_IMAGES = 50  # images per request: a client batching its traffic
 FASHION_ENV = "VAE_FASHION_MIRROR"  # a folder holding Fashion-MNIST's IDX files; default: beside VAE_DATA_MIRROR
 
@@ -94,13 +92,7 @@ def make_workspace(s: Settings) -> Path:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        elif src.exists():
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, work / name)
+    dvcrun.copy_pipeline(ROOT, work)
     overrides = {
         "data.dataset": "mnist", "data.snapshots": [], "data.incoming_holdout": s.holdout,
         "train.epochs": s.epochs, "train.image_every": max(1, s.epochs), "evaluate.iwae_samples": s.iwae_samples,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,11 +10,6 @@ import yaml
 from pipeline import dvcrun, procs
 from tests.support.mlflow_store import fresh_store
 from tests.support.project import ROOT, tiny_raw_params
-
-PROJECT_FILES = [
-    "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "src", "pipeline",
-    "data/incoming/.gitkeep",  # train, evaluate and register depend on data/incoming (the snapshots)
-]  # fmt: skip
 
 
 def copy_project(dest: Path, store: bool = True, **overrides) -> Path:
@@ -26,13 +20,7 @@ def copy_project(dest: Path, store: bool = True, **overrides) -> Path:
     migrations, once per project. `store=False` leaves that to the first stage that logs.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        elif src.exists():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
+    dvcrun.copy_pipeline(ROOT, dest)
     (dest / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(**overrides), sort_keys=False))
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
