@@ -22,16 +22,19 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import Tensor, nn
 
 from benchmarks.step_setup import add_step_arguments, build_cpu_step
 from benchmarks.train_speed import TARGETS, matmul_rate, train_flops_per_image
+from vae_mlops.archs.mlp import MLPNetwork
 from vae_mlops.denormals import flushed_denormals
-from vae_mlops.step import Stepper, adam_step, layer_params
+from vae_mlops.step import Stepper
 from vae_mlops.train import TrainState, make_optimizer
 
 TRAIN_IMAGES = 55_000  # the split minus train.val_size, as `make bench` trains
 TARGET_S_PER_EPOCH = TARGETS["project_s_per_epoch_max"]
 TARGET_OVERHEAD_MS = 0.5
+Mm = tuple[Tensor, Tensor]  # the two operands of one torch.mm
 
 
 def median_us(work: Callable[[], object], reps: int, blocks: int = 5) -> float:
@@ -47,57 +50,57 @@ def median_us(work: Callable[[], object], reps: int, blocks: int = 5) -> float:
     return statistics.median(times)
 
 
+def layer_matmuls(layer: nn.Linear, batch: int, dtype: torch.dtype, first: bool, g: torch.Generator) -> list[Mm]:
+    """A Linear layer's matmuls in a step at batch `batch`: y = x W', dW = dy' x and, but for the first, dx = dy W."""
+    x = torch.rand((batch, layer.in_features), generator=g).to(dtype)
+    dy = torch.rand((batch, layer.out_features), generator=g).to(dtype)
+    w = layer.weight.detach().to(dtype)
+    return [(x, w.t()), (dy.t(), x), *([] if first else [(dy, w)])]
+
+
 def kernels(state: TrainState, stepper: Stepper, batch: int, mm_dtype: torch.dtype) -> dict[str, Callable[[], object]]:
-    """The step's indispensable kernels on tensors of its real shapes, keyed by what they are."""
-    w1, _, wm, _, ws, _, w3, _, w4, _ = layer_params(state.model)  # PARAMS order: (weight, bias) per layer
+    """The step's indispensable kernels on tensors of its real shapes, keyed by what they are.
+
+    The layers are the model's (`MLPNetwork.LAYERS`); the wide ones, those on the pixels, run in the
+    step's matmul dtype and the narrow ones in float32, as `accel`'s fused step runs them.
+    """
+    model, d = state.model, state.model.config.input_dim
     g = torch.Generator().manual_seed(0)
-    rand = lambda *shape, dtype=torch.float32: torch.rand(shape, generator=g).to(dtype)
-    d, h, latent = w1.shape[1], w1.shape[0], wm.shape[0]
-    x, logits = rand(batch, d), rand(batch, d) * 8 - 4
-    x_low, w1_low, w4_low = x.to(mm_dtype), w1.detach().to(mm_dtype), w4.detach().to(mm_dtype)
-    h3, dh = rand(batch, h, dtype=mm_dtype), rand(batch, h, dtype=mm_dtype)
-    dl = rand(batch, d, dtype=mm_dtype)
-    h32, z, dz = rand(batch, h), rand(batch, latent), rand(batch, latent)
-    likelihood = state.model.likelihood
+    layers = {name: getattr(model, name) for name in MLPNetwork.LAYERS}
+    wide = [name for name, m in layers.items() if d in (m.in_features, m.out_features)]
+    mms: dict[bool, list[Mm]] = {True: [], False: []}
+    for i, (name, m) in enumerate(layers.items()):
+        is_wide = name in wide
+        mms[is_wide] += layer_matmuls(m, batch, mm_dtype if is_wide else torch.float32, i == 0, g)
+    x, logits = torch.rand((batch, d), generator=g), torch.rand((batch, d), generator=g) * 8 - 4
+    likelihood = model.likelihood
     one = torch.tensor(1.0)
-    stepper(x, rand(batch, latent), torch.tensor([1.0, 1.0]), full=True)  # every .grad set
+    stepper(x, torch.randn((batch, model.config.latent_dim), generator=g), torch.tensor([1.0, 1.0]), full=True)
     # Adam on a copy of the model and its gradients, so that the timing loop leaves the real weights alone
-    twin = copy.deepcopy(state.model)
-    for p, q in zip(state.model.parameters(), twin.parameters()):
+    twin = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), twin.parameters()):
         q.grad = p.grad.clone()
     adam = make_optimizer(twin, 1e-3, torch.device("cpu"))
     adam.step()  # creates Adam's state, as a first step does
+    dtype = str(mm_dtype).removeprefix("torch.")
+    narrow = [name for name in layers if name not in wide]
     out = {
-        f"wide matmuls ({str(mm_dtype).removeprefix('torch.')}: fc1, fc4 forward; fc4 dX; fc1, fc4 dW)": lambda: (
-            torch.mm(x_low, w1_low.t()),
-            torch.mm(h3, w4_low.t()),
-            torch.mm(dl, w4_low),
-            torch.mm(dh.t(), x_low),
-            torch.mm(dl.t(), h3),
-        ),
-        "narrow matmuls (float32: fc_mu, fc_log_std, fc3; forward, dX, dW)": lambda: (
-            torch.mm(h32, wm.detach().t()),
-            torch.mm(h32, ws.detach().t()),
-            torch.mm(z, w3.detach().t()),
-            torch.mm(dz, wm.detach()),
-            torch.mm(dz, ws.detach()),
-            torch.mm(h32, w3.detach()),
-            torch.mm(dz.t(), h32),
-            torch.mm(dz.t(), h32),
-            torch.mm(h32.t(), z),
-        ),
-        "Adam (torch's fused kernel, every parameter)": lambda: adam_step(adam),
+        f"wide matmuls ({dtype}: {', '.join(wide)}; forward, dX, dW)": lambda: [torch.mm(a, b) for a, b in mms[True]],
+        f"narrow matmuls (float32: {', '.join(narrow)}; forward, dX, dW)": lambda: [
+            torch.mm(a, b) for a, b in mms[False]
+        ],
+        "Adam (torch's fused kernel, every parameter)": adam.step,
         "likelihood: reconstruction sum and its gradient": lambda: (
             likelihood.recon_sum(logits, x),
             likelihood.recon_grad(logits, x, one),
         ),
     }
     if mm_dtype != torch.float32:
-        out["casts: W1, W4 to bf16; their gradients to float32"] = lambda: (
-            w1.detach().to(mm_dtype),
-            w4.detach().to(mm_dtype),
-            w1_low.float(),
-            w4_low.float(),
+        weights = [layers[name].weight.detach() for name in wide]
+        low = [w.to(mm_dtype) for w in weights]
+        out[f"casts: {', '.join(wide)} weights to {dtype}; their gradients to float32"] = lambda: (
+            [w.to(mm_dtype) for w in weights],
+            [w.float() for w in low],
         )
     return out
 
@@ -111,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     mm_dtype = stepper.module.mm_dtype or torch.float32
     parts = kernels(state, stepper, cfg.batch_size, mm_dtype)
     g = torch.Generator().manual_seed(1)
-    x, eps = torch.rand((cfg.batch_size, 784), generator=g), torch.randn((cfg.batch_size, 20), generator=g)
+    config = state.model.config
+    x = torch.rand((cfg.batch_size, config.input_dim), generator=g)
+    eps = torch.randn((cfg.batch_size, config.latent_dim), generator=g)
     coef = torch.full((2,), 1.0 / cfg.batch_size)
     rounds: dict[str, list[float]] = {}
     with flushed_denormals():  # as `train_epoch` runs the step: 3,000 steps would otherwise reach them

@@ -11,9 +11,8 @@ import torch
 from vae_mlops import host_memory
 from vae_mlops.distributed import Single
 from vae_mlops.params import TrainParams, load_params
-from vae_mlops.train import build_state
 from vae_mlops.step import Stepper, build_stepper
-from vae_mlops.train import TrainState
+from vae_mlops.train import TrainState, build_state
 
 
 def add_step_arguments(p: argparse.ArgumentParser) -> None:

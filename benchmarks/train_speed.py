@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from vae_mlops import atomic, cli_args, data, host_memory, metrics
+from vae_mlops.archs.mlp import MLPNetwork
 from vae_mlops.datasets import get_dataset
 from vae_mlops.distributed import Single
 from vae_mlops.errors import VaeMlopsError
@@ -119,13 +120,18 @@ def example_loss(recon_x: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> Tens
     return bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
 
 
-_PAIRS = (("fc1", "fc1"), ("fc_mu", "fc21"), ("fc_log_std", "fc22"), ("fc3", "fc3"), ("fc4", "fc4"))
+EXAMPLE_LAYERS = ("fc1", "fc21", "fc22", "fc3", "fc4")  # `ExampleVAE`'s, in the order of `MLPNetwork.LAYERS`'s
 
 
 @torch.no_grad()
 def copy_weights(src: nn.Module, dst: nn.Module, to_example: bool) -> None:
     """Same function, other parametrisation: logvar = 2 log_std, so fc22 = 2 * fc_log_std."""
-    for ours, theirs in _PAIRS:
+    if len(MLPNetwork.LAYERS) != len(EXAMPLE_LAYERS):
+        raise VaeMlopsError(
+            f"the baseline starts from the project's weights, but the mlp's layers {MLPNetwork.LAYERS} no longer "
+            f"match the PyTorch example's {EXAMPLE_LAYERS}: pair them in benchmarks/train_speed.py"
+        )
+    for ours, theirs in zip(MLPNetwork.LAYERS, EXAMPLE_LAYERS):
         a, b = (ours, theirs) if to_example else (theirs, ours)
         scale = (2.0 if to_example else 0.5) if ours == "fc_log_std" else 1.0
         for p in ("weight", "bias"):

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from datetime import timedelta
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from uuid import UUID
 
@@ -43,6 +43,7 @@ from prefect.runner.storage import GitRepository
 from prefect.schedules import Cron
 from prefect.workers.process import ProcessWorker
 
+from pipeline import console
 from pipeline.flows import PIPELINE_FLOW, REMOTE_ENV, TRAIN_FLOW, resolve_root
 from pipeline.monitor import DRIFT_EVENT, MONITOR_FLOW, RESOURCE_PREFIX
 from pipeline.retrain import ENTRYPOINT as RETRAIN_ENTRYPOINT
@@ -231,10 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ids = deploy_all(root, params, args.source, args.train_source, args.commit)
     except SourceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for name, dep_id in ids.items():
-        print(f"{name}: {dep_id}")
+        return console.fail(exc)
+    console.print_named(ids)
     return 0
 
 

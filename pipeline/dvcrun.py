@@ -7,7 +7,9 @@ itself runs per stage, so `dvc.lock` and the DVC cache come out exactly as after
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -18,14 +20,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
-from dvc.dependency.param import ParamsDependency
-from dvc.repo import Repo
-from dvc.utils.serialize import modify_yaml
+from ruamel.yaml import YAML
 
+from pipeline.dvc_internals import declared_stage
 from pipeline.procs import stop_process_group, venv_bin
 from vae_mlops import atomic
 from vae_mlops.errors import VaeMlopsError
@@ -162,18 +164,28 @@ def flat_raw(params_file: Path, overrides: Mapping[str, Any] | None = None) -> d
     return {f"{s}.{k}": v for s, sec in raw.items() if isinstance(sec, dict) for k, v in sec.items()}
 
 
+@contextlib.contextmanager
+def edit_yaml(path: Path) -> Iterator[Any]:
+    """Edit a YAML file in place as DVC does (ruamel's round trip: comments and layout kept), written whole or not at all."""
+    rt = YAML(typ="rt")
+    rt.default_flow_style = False
+    data = rt.load(path.read_text()) or {}
+    yield data
+    out = io.StringIO()
+    rt.dump(data, out)
+    atomic.write_text(path, out.getvalue())
+
+
 def set_params(params_file: Path, values: Mapping[str, Any]) -> list[str]:
     """Write dotted-key values into `params.yaml` the way `dvc exp run -S` does; return the keys changed.
 
-    DVC's own round-trip YAML writer keeps comments and layout. A key whose value
-    is already equal (same type too) is left alone, so the file only changes when
-    a value does.
+    The round-trip edit keeps comments and layout. A key whose value is already
+    equal (same type too) is left alone, so the file only changes when a value does.
     """
-
     current = flat_raw(params_file)
     changed = [k for k, v in values.items() if k not in current or type(current[k]) is not type(v) or current[k] != v]
     if changed:
-        with modify_yaml(params_file) as data:
+        with edit_yaml(params_file) as data:
             for key in changed:
                 section, _, name = key.partition(".")
                 data[section][name] = values[key]
@@ -194,7 +206,7 @@ def merge_lock(root: Path, entries: Mapping[str, Any]) -> None:
     path = root / "dvc.lock"
     if not path.exists():
         path.write_text(yaml.safe_dump({"schema": LOCK_SCHEMA, "stages": {}}, sort_keys=False))
-    with modify_yaml(path) as data:
+    with edit_yaml(path) as data:
         data.setdefault("stages", {})
         for name, entry in entries.items():
             data["stages"][name] = entry
@@ -206,34 +218,8 @@ def stage_outputs(root: Path, stage: str) -> list[tuple[str, bool]]:
 
 
 def _stage_paths(root: Path, stage: str) -> dict[str, Any]:
-    """The stage as this checkout's `dvc.yaml` declares it: cmd, deps and outs (path, cached)."""
-
-    with Repo(str(root)) as repo:
-        for st in repo.index.stages:
-            if getattr(st, "name", None) == stage:
-                return {
-                    "cmd": st.cmd,
-                    "deps": {str(dep.def_path) for dep in st.deps if not isinstance(dep, ParamsDependency)},
-                    "outs": [(str(out.def_path), bool(out.use_cache)) for out in st.outs],
-                    # what `dvc.lock` records for the params: {file: {key: value in this checkout}}
-                    "params": {str(dep.def_path): _declared_values(dep.read_params(flatten=False), dep.params)
-                               for dep in st.deps if isinstance(dep, ParamsDependency)},
-                }  # fmt: skip
-    raise ValueError(f"no stage '{stage}' in {root / 'dvc.yaml'}")
-
-
-def _declared_values(raw: Mapping[str, Any], keys: list[str]) -> dict[str, Any]:
-    """{declared key: its value}, a dotted key read through its sections, as `dvc.lock` records it.
-
-    `raw` is the params file as DVC's own parser reads it, so values compare as DVC wrote them.
-    """
-    values = {}
-    for key in keys:
-        node: Any = raw
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        values[key] = node
-    return values
+    """The stage as this checkout's `dvc.yaml` declares it: cmd, deps, outs (path, cached) and params."""
+    return declared_stage(root, stage)
 
 
 def handoff(root: Path, stage: str, extra_files: list[Path] = ()) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 
 from prefect.settings import PREFECT_API_URL
 
+from pipeline import console
 from vae_mlops import atomic
 from vae_mlops.errors import VaeMlopsError
 
@@ -142,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("exec needs a command")
         exec_with_prefect_auth(cmd)
     except CredentialsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return console.fail(exc)
     return 0
 
 

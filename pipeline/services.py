@@ -52,10 +52,11 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
-from pipeline import procs
+from pipeline import console, procs
 from pipeline.local_auth import CredentialsError, private_folder, read_env_file, write_env_file
 from vae_mlops import atomic, inference_log
 from vae_mlops.errors import VaeMlopsError
+from vae_mlops.locks import wait_flock
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,16 +218,8 @@ def exclusive(settings: Settings, what: str) -> Iterator[None]:
         except BlockingIOError:
             print(f"another `make services` is using {settings.data_dir}; waiting for it to finish before "
                   f"the {what}", file=sys.stderr, flush=True)  # fmt: skip
-            deadline = time.monotonic() + settings.timeout_s * 3
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise ServicesError(f"another `make services` still holds {settings.lock_file}; "
-                                            "wait for it, or stop it") from None  # fmt: skip
-                    time.sleep(0.5)
+            if not wait_flock(fd, settings.timeout_s * 3, poll_s=0.5):
+                raise ServicesError(f"another `make services` still holds {settings.lock_file}; wait for it, or stop it")
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -675,8 +668,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ServicesError(f"the services in {settings.data_dir} are not all running; run `make services`")
             sys.stdout.write(exports(settings, credentials(settings)))
     except ServicesError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return console.fail(exc)
     return 0
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import dvcrun
+from pipeline import console, dvcrun
 from vae_mlops import cli_args
 from vae_mlops.errors import VaeMlopsError
 from vae_mlops.params import ParamsError, load_params, parse_set_args
@@ -263,13 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SweepError(f"--jobs {args.jobs}: must be at least 1")
         named = sweep((args.root or CHECKOUT).resolve(), args.axes, args.jobs, logger)
     except (ParamsError, SweepError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return console.fail(exc)
     except VaeMlopsError as exc:  # failed experiments, or DVC's queue runner itself failed
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for name, point in named.items():
-        print(f"{name}: {point}")
+        return console.fail(exc, 1)
+    console.print_named(named)
     return 0
 
 

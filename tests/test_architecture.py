@@ -1,15 +1,16 @@
 """The import contract: three wings with one-way doors, no circles, no imports hidden in functions.
 
     core       params, paths, data, datasets, model, likelihoods/, train, step, metrics, images,
-               checkpoint, ...: no MLflow, no DVC, no Prefect
+               checkpoint, ..., and the fast path behind one door (accel/): no MLflow, no DVC, no Prefect
     MLflow     tracking/store -> tracking/runs -> model format -> registry -> report; imports the core
     runners    cli, stages/, pipeline/, benchmarks/: import the core and the MLflow wing
 
 An arrow may point down or sideways, never up. Only `cli` imports a stage (it dispatches to them);
 a stage does not import another stage, and a benchmark imports none. Every import counts, module
 level or inside a function (both run); an import inside a function is allowed only where
-`FUNCTION_IMPORTS` names it with its reason. Each test names every violation it finds, so a red
-run says which file to change.
+`FUNCTION_IMPORTS` names it with its reason. The fast path is reached through `vae_mlops.accel`'s face
+only, and torch internals (`torch._*`, `torch.ops.*`) appear nowhere else. Each test names every violation
+it finds, so a red run says which file to change.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ WINGS: list[tuple[str, str, int]] = [
     (r"vae_mlops\.stages(\..*)?", RUNNERS, 0),
     (r"pipeline(\..*)?", RUNNERS, 0),
     (r"benchmarks(\..*)?", RUNNERS, 0),
-    (r"vae_mlops\.tracking\.store", MLFLOW, 0),
+    (r"vae_mlops\.tracking\.(store|mlflow_internals)", MLFLOW, 0),
     (r"vae_mlops\.tracking\.(runs|monitor_runs)", MLFLOW, 1),
     (r"vae_mlops\.(model_store|pyfunc|served_model|served_loader|serving|serving_app)", MLFLOW, 2),
     (r"vae_mlops\.tracking(\.registry_client|\.reader)?", MLFLOW, 3),
@@ -43,7 +44,7 @@ WINGS: list[tuple[str, str, int]] = [
         r"vae_mlops(\.(__init__|params|paths|errors|atomic|ports|cli_args|data|datasets|snapshots|incoming"
         r"|model|likelihoods|archs|priors|accel|train|step|metrics|metric_catalogue|images|checkpoint"
         r"|denormals|distributed|host_memory|precision|drift|provenance|progress|pretrain|scores|inference_log"
-        r"|loop_report|collect|stage_inputs)(\..*)?)?",
+        r"|loop_report|html_page|collect|stage_inputs|plugins|locks|binarize)(\..*)?)?",
         CORE,
         0,
     ),
@@ -290,3 +291,105 @@ def test_the_contract_finds_what_it_guards(tmp_path):
     tree = ast.parse("import os\ndef f():\n    import json\n")
     inside = _function_import_nodes(tree)
     assert [id(n) in inside for n in ast.walk(tree) if isinstance(n, ast.Import)] == [False, True]
+
+
+# ---------------------------------------------------------------- the fast path's door
+
+ACCEL = "vae_mlops.accel"
+INTERNALS_SCANNED = [*SOURCE_ROOTS.values(), ROOT / "tests"]
+# (file, torch internal) -> why a test instrument may use it; product code has no such entry
+TORCH_INTERNALS_ALLOWED: dict[tuple[str, str], str] = {
+    ("tests/test_whole_tensor.py", "torch.utils._python_dispatch.TorchDispatchMode"): "counts host syncs where "
+    "they reach the dispatcher; torch has no public mode at that level (TorchFunctionMode sits above it)",
+}
+
+
+def test_the_fast_path_is_core_and_reached_through_its_face_only():
+    assert wing_of(ACCEL) == (CORE, 0) and all(wing_of(m) == (CORE, 0) for m in MODULES if m.startswith(ACCEL + "."))
+    problems = [
+        f"{imp.where()}: {imp.importer} imports {imp.target}: import the name from {ACCEL} (its __init__)"
+        for imp in PROJECT_IMPORTS
+        if imp.target.startswith(ACCEL + ".") and not (imp.importer == ACCEL or imp.importer.startswith(ACCEL + "."))
+    ]
+    assert not problems, _report("imports that pass the fast path's door", problems)
+
+
+def _is_internal(dotted: str) -> bool:
+    """`torch.ops.*`, or a private name (`_x`, not `__x__`) anywhere under `torch`."""
+    parts = dotted.split(".")
+    if parts[0] != "torch":
+        return False
+    private = any(p.startswith("_") and not (p.startswith("__") and p.endswith("__")) for p in parts)
+    return parts[1:2] == ["ops"] or private
+
+
+def torch_internals(source: str) -> list[tuple[int, str]]:
+    """(line, dotted name) of every use of a torch internal: imports, and attribute chains on a name bound to torch.
+
+    A name is followed through its import (`from torch.optim import optimizer as o`; `o._x` is
+    `torch.optim.optimizer._x`); attributes of objects made at run time (`opt._hooks`) are not seen.
+    """
+    tree = ast.parse(source)
+    bound: dict[str, str] = {}  # local name -> what it is under torch
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "torch":
+                    bound[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else "torch"
+                    found += [(node.lineno, alias.name)] if _is_internal(alias.name) else []
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "torch":
+            for alias in node.names:
+                dotted = f"{node.module}.{alias.name}"
+                bound[alias.asname or alias.name] = dotted
+                found += [(node.lineno, dotted)] if _is_internal(dotted) else []
+    inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute) or id(node) in inner:
+            continue
+        chain, base = [], node
+        while isinstance(base, ast.Attribute):
+            chain.append(base.attr)
+            base = base.value
+        if isinstance(base, ast.Name) and base.id in bound:
+            dotted = ".".join([bound[base.id], *reversed(chain)])
+            found += [(node.lineno, dotted)] if _is_internal(dotted) else []
+    return sorted(set(found))
+
+
+def test_torch_internals_appear_only_behind_the_fast_paths_door():
+    accel_dir = MODULES[ACCEL].parent
+    problems = []
+    for folder in INTERNALS_SCANNED:
+        for path in sorted(folder.rglob("*.py")):
+            if path.is_relative_to(accel_dir):
+                continue
+            name = path.relative_to(ROOT).as_posix()
+            for line, dotted in torch_internals(path.read_text()):
+                if (name, dotted) not in TORCH_INTERNALS_ALLOWED:
+                    problems.append(f"{name}:{line}: {dotted}")
+    assert not problems, _report(
+        f"torch internals outside {accel_dir.relative_to(ROOT).as_posix()}/ (use the public way, or move the "
+        "fast path there with a BENCHMARKS.md entry showing it pays)",
+        problems,
+    )
+
+
+def test_the_internals_check_sees_what_it_guards():
+    planted = (
+        "import torch\n"
+        "from torch.optim import optimizer as opt_mod\n"
+        "from torch import _C\n"
+        "torch._foreach_add_(steps, 1)\n"
+        "opt_mod._global_optimizer_pre_hooks\n"
+        "torch.ops.aten.threshold_backward(g, h, 0)\n"
+        "torch.__version__, torch.nn.functional.relu(x), opt_mod.Optimizer\n"
+        "import torch._dynamo as dyn\n"
+    )
+    assert torch_internals(planted) == [
+        (3, "torch._C"),
+        (4, "torch._foreach_add_"),
+        (5, "torch.optim.optimizer._global_optimizer_pre_hooks"),
+        (6, "torch.ops.aten.threshold_backward"),
+        (8, "torch._dynamo"),
+    ]

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
 import sys
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from torchvision.utils import make_grid, save_image
 
 from tests.support import browser
 from tests.support.e2e import copy_project, dvc
 from tests.support.mlflow_store import fresh_store
 from tests.support.project import tiny_raw_params
-from vae_mlops import cli, compare, tracking
+from vae_mlops import cli, compare, html_page, images, tracking
 from vae_mlops.model import VAE, VAEConfig
 from vae_mlops.params import EvaluateParams
 from vae_mlops.paths import Paths
@@ -29,6 +32,9 @@ window.addEventListener("load", () => {
   const rows = [...document.querySelectorAll("#metrics tbody tr")].filter((r) => r.getBoundingClientRect().height > 0);
   document.body.dataset.images = `${drawn.length}/${imgs.length}`;
   document.body.dataset.metricRows = String(rows.length);
+  const shown = (sel) => [...document.querySelectorAll(sel)].filter((i) => drawn.includes(i)).length;
+  document.body.dataset.mixtureImages = String(shown("#mixture img"));
+  document.body.dataset.latentImages = String(shown("#latent-maps img"));
 });
 </script>"""
 CFG = EvaluateParams(iwae_samples=8, batch_size=100, seed=0, n_clusters=10, latent_map="pca")
@@ -77,9 +83,9 @@ def test_densities_of_different_likelihoods_get_no_better_side():
 # ---------------------------------------------------------------- the page
 
 
-def _side(label: str, latent_dim: int, nll: float, seed: int) -> compare.Side:
+def _side(label: str, latent_dim: int, nll: float, seed: int, prior: str = "normal") -> compare.Side:
     torch.manual_seed(seed)
-    vae = VAE(VAEConfig(784, 32, latent_dim, "bernoulli")).eval()
+    vae = VAE(VAEConfig(784, 32, latent_dim, "bernoulli", prior=prior, n_components=3 if prior == "gmm" else 0)).eval()
     run_id = f"{seed:032x}"
     summary = tracking.RunSummary(
         run_id, label, "1", {"test.nll_iwae": nll, "test.elbo": -nll - 1, "latent.nmi": 0.4, "system/cpu": 9.0},
@@ -119,6 +125,85 @@ def test_with_no_champion_the_page_shows_the_candidate_alone(split, tmp_path):
     files = compare.write(report, tmp_path / "compare.html", tmp_path / "compare.md")
     assert "no champion" in report.title and "delta" not in files["markdown"].read_text()
     assert render(files["html"], tmp_path)["images"] == "5/5"
+
+
+def _mixture_side(label: str, seed: int) -> compare.Side:
+    """A gmm model whose components sit far from N(0, I)'s mass: its samples differ from N(0, I)'s."""
+    side = _side(label, 4, 95.0, seed, prior="gmm")
+    with torch.no_grad():
+        side.model.prior.mu.copy_(6.0 * torch.eye(3, 4))
+        side.model.prior.log_std.fill_(-2.0)
+    return side
+
+
+def _grid_uri(model: VAE, z: torch.Tensor) -> str:
+    """z decoded as the page's sample grid (8 per row), written here with torchvision, not with the report's code."""
+    with torch.no_grad():
+        grid = make_grid(model.decode(z).clamp(0, 1).view(-1, 1, 28, 28), nrow=8, padding=2)
+    buf = BytesIO()
+    save_image(grid, buf, format="png")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def test_a_mixture_model_is_sampled_from_its_own_prior_not_from_a_standard_normal(split):
+    side = _mixture_side("vade v2", 4)
+    report = compare.build(side, None, None, split, CFG)
+    n, latent = compare.N_SAMPLES, side.model.config.latent_dim
+    own = side.model.prior.sample(n, torch.Generator().manual_seed(CFG.seed))
+    standard = torch.randn((n, latent), generator=torch.Generator().manual_seed(CFG.seed))
+    assert report.pictures["candidate.samples"] == _grid_uri(side.model, own)
+    assert report.pictures["candidate.samples"] != _grid_uri(side.model, standard)
+    assert "z ~ mixture of 3 Gaussians" in compare.render_html(report)
+
+
+def test_a_mixture_model_shows_its_components_and_clusters_beside_a_normal_one_in_chromium(split, tmp_path):
+    report = compare.build(_mixture_side("vade v2", 4), _side("champion v1", 2, 96.0, 1), None, split, CFG)
+    pictures = {k for k in report.pictures if k.startswith(("baseline.", "candidate."))}
+    assert pictures == {"baseline.recon", "baseline.samples", "baseline.latent", "candidate.recon",
+                        "candidate.samples", "candidate.latent", "candidate.cluster_samples",
+                        "candidate.cluster_confusion"}  # fmt: skip
+    x, labels = split  # the evaluate stage's own figures, not others drawn alike
+    figures = images.mixture_figures(report.candidate.model, x, labels, CFG.batch_size, CFG.seed)
+    for name, fig in figures.items():
+        assert report.pictures[f"candidate.{name}"] == html_page.figure_uri(fig)
+    files = compare.write(report, tmp_path / "compare.html", tmp_path / "compare.md")
+    html = files["html"].read_text()
+    assert_self_contained(html)
+    assert "no components: its prior is N(0, I)" in html
+    drawn = render(files["html"], tmp_path)
+    assert (drawn["images"], drawn["mixture-images"], drawn["latent-images"]) == ("10/10", "2", "2")
+
+
+def test_without_mixture_models_the_page_has_no_mixture_section(split):
+    html = compare.render_html(compare.build(_side("candidate v2", 4, 95.0, 2), None, None, split, CFG))
+    assert 'id="mixture"' not in html and 'id="latent-maps"' in html
+
+
+def _log_evaluate_pictures(client, run_id: str, tmp_path: Path, planted: dict[str, bytes]) -> None:
+    folder = tmp_path / "evaluate"
+    folder.mkdir()
+    for name, content in planted.items():
+        (folder / name).write_bytes(content)
+        client.log_artifact(run_id, str(folder / name), "evaluate")
+
+
+def test_a_run_whose_model_cannot_be_drawn_shows_the_pictures_its_evaluate_stage_logged(store, split, tmp_path):
+    reader = tracking.RunReader(store)
+    run_id = _run(reader.client, {"dvc.experiment": "old-vade"})
+    model = _mixture_side("vade", 4).model
+    logged = {f"{name}.png": html_page.figure_png(fig)
+              for name, fig in images.mixture_figures(model, *split, CFG.batch_size, CFG.seed).items()}  # fmt: skip
+    logged["latent_map.png"] = b"<script>not a picture</script>"  # planted: never embedded
+    _log_evaluate_pictures(reader.client, run_id, tmp_path, logged)
+    side = compare.load_side(reader, compare.Ref(run_id, "old-vade", None))
+    assert side.model is None and set(side.logged) == {"cluster_samples", "cluster_confusion"}
+    report = compare.build(_side("candidate v2", 4, 95.0, 2), side, None, split, CFG)
+    assert report.from_run == {"baseline.cluster_samples", "baseline.cluster_confusion"}
+    assert report.pictures["baseline.cluster_samples"] == html_page.png_uri(logged["cluster_samples.png"])
+    html = compare.render_html(report)
+    assert_self_contained(html)
+    assert "as its run's evaluate stage logged them" in html and "not a picture" not in html
+    assert "the run logged no latent map" in html
 
 
 def test_run_names_are_escaped(split, tmp_path):

@@ -17,7 +17,9 @@ from vae_mlops.params import DataParams
 from vae_mlops.paths import Paths
 from vae_mlops.stages.download import download as run_download
 
-CFG = DataParams(dataset="tiny", timeout_s=2.0, retries=2, snapshots=[], incoming_max_fraction=0.2, incoming_holdout=0.2)
+CFG = DataParams(
+    dataset="tiny", timeout_s=2.0, retries=2, snapshots=[], incoming_max_fraction=0.2, incoming_holdout=0.2, binarize="none"
+)
 
 
 def copy_mirror(src: Path, dst: Path) -> Path:

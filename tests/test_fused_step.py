@@ -1,4 +1,4 @@
-"""The hand-written ELBO step (`FusedELBO`) against autograd, in float32 and bf16, and the loop's precisions."""
+"""The hand-written ELBO step (`accel.fused_elbo`) against autograd, in float32 and bf16, and the loop's precisions."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from torch import nn
 
 from tests.support.project import ROOT, tiny_raw_params
 from tests.support.synthetic import digits
-from vae_mlops import tracking
+from vae_mlops import accel, tracking
+from vae_mlops.archs.mlp import MLPNetwork
 from vae_mlops.distributed import Single
 from vae_mlops.likelihoods import LIKELIHOODS, get_likelihood
 from vae_mlops.model import VAE, VAEConfig
 from vae_mlops.params import parse_params
 from vae_mlops.paths import Paths
 from vae_mlops.precision import cpu_flags, resolve_precision
-from vae_mlops.step import PARAMS, ELBOSums, FusedELBO, Stepper, batch_losses, build_stepper, fused_elbo, layer_params
+from vae_mlops.step import ELBOSums, Stepper, batch_losses, build_stepper
 from vae_mlops.train import TrainState, fit, make_optimizer
 
 NAMES = tuple(LIKELIHOODS)  # every registered likelihood, a new one included
@@ -92,11 +93,9 @@ def test_fused_backward_passes_gradcheck(likelihood):
     """Finite differences in float64, for any weighting of (recon, kl): gradcheck draws its own."""
     model = small_vae(likelihood)
     x, eps = batch()
-    params = [p.detach().clone().requires_grad_(True) for p in layer_params(model)]
+    params = [p.detach().clone().requires_grad_(True) for p in model.fused_params()]
     lik = model.likelihood
-    assert torch.autograd.gradcheck(
-        lambda *w: FusedELBO.apply(x, eps, lik, torch.float64, *w), params, eps=1e-6, atol=1e-6
-    )
+    assert torch.autograd.gradcheck(lambda *w: accel.fused_elbo(w, x, eps, lik), params, eps=1e-6, atol=1e-6)
 
 
 class ReorderedVAE(VAE):
@@ -118,11 +117,25 @@ def test_fused_step_takes_the_layers_by_name():
     other = ReorderedVAE(model.config).double()
     other.load_state_dict(model.state_dict())
     assert [n for n, _ in other.named_parameters()] != [n for n, _ in model.named_parameters()]
-    assert [n for n, _ in model.named_parameters()] == list(PARAMS)
     x, eps = batch()
-    torch.testing.assert_close(fused_elbo(other, x, eps), fused_elbo(model, x, eps), rtol=0, atol=0)
-    want = grads_of(model, fused_elbo(model, x, eps), BETA)
-    torch.testing.assert_close(grads_of(other, fused_elbo(other, x, eps), BETA), want)
+
+    def sums(vae: VAE) -> torch.Tensor:
+        return ELBOSums(vae, "float32", fused=True)(x, eps)
+
+    torch.testing.assert_close(sums(other), sums(model), rtol=0, atol=0)
+    torch.testing.assert_close(grads_of(other, sums(other), BETA), grads_of(model, sums(model), BETA))
+
+
+def test_the_fused_step_reads_the_mlps_layer_list():
+    """`MLPNetwork.LAYERS` names every Linear of the `mlp`, in order, and is what `fused_params` hands the step."""
+    model = small_vae("bernoulli")
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert list(MLPNetwork.LAYERS) == linears
+    named = dict(model.named_parameters())
+    want = [named[f"{layer}.{p}"] for layer in MLPNetwork.LAYERS for p in ("weight", "bias")]
+    assert [id(p) for p in model.fused_params()] == [id(p) for p in want]
+    with pytest.raises(ValueError, match="no fused step for arch 'mlp-deep'"):
+        VAE(VAEConfig(D, H, L, "bernoulli", arch="mlp-deep", hidden_dims=(6, 5))).fused_params()
 
 
 # ---------------------------------------------------------------- the bf16 step
@@ -231,7 +244,7 @@ def test_the_chosen_precision_is_logged_and_tagged(tmp_path: Path, caplog, tiny_
     assert stepper.module.precision == chosen
 
 
-# ---------------------------------------------------------------- the direct step (no autograd) and adam_step
+# ---------------------------------------------------------------- the direct step (no autograd)
 
 
 def _two_steppers(precision: str, likelihood: str = "bernoulli"):
@@ -268,20 +281,8 @@ def test_direct_step_gives_bit_identical_weights_and_adam_state(precision, likel
             assert torch.equal(want[i][key], have[i][key]), (i, key)
 
 
-def test_adam_step_falls_back_to_torch_when_a_hook_is_registered():
-    (ref, ref_step), (got, got_step) = _two_steppers("float32")
-    calls = []
-    got_step.optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
-    x, eps, coef = torch.rand(16, 784), torch.randn(16, 5), torch.tensor([1 / 16, 1 / 16])
-    for _ in range(3):
-        ref_step(x, eps, coef, full=True)
-        got_step(x, eps, coef, full=True)
-    assert len(calls) == 3  # every step went through optimizer.step(), hooks and all
-    assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), got.parameters()))
-
-
-def test_adam_step_equals_optimizer_step_after_a_resume():
-    """State loaded from a checkpoint (new tensors) is what the next direct step updates."""
+def test_direct_step_equals_autograds_after_a_resume():
+    """Adam's state loaded from a checkpoint (new tensors) is what the next direct step updates."""
     (ref, ref_step), (got, got_step) = _two_steppers("float32")
     x, eps, coef = torch.rand(16, 784), torch.randn(16, 5), torch.tensor([1 / 16, 1 / 16])
     ref_step(x, eps, coef, full=True)

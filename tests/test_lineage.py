@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.support.project import ROOT
+from vae_mlops import plugins
 
 PKG_DIR = ROOT / "src" / "vae_mlops"
 STAGES = ("download", "train", "evaluate", "register")
@@ -166,9 +167,16 @@ def _sibling_files_read(module: Path) -> set[str]:
             if (module.parent / m).is_file()}  # fmt: skip
 
 
+# What imports a package's own modules at run time: the shared plugin loader, or the stdlib calls it makes
+DISCOVERY_CALLS = {plugins.discover.__name__, "iter_modules", "import_module"}
+
+
 def _discovers_modules(init: Path) -> bool:
     """A package that imports its own modules at run time (a registry such as `likelihoods`)."""
-    return init.name == "__init__.py" and re.search(r"\b(iter_modules|import_module)\(", init.read_text()) is not None
+    if init.name != "__init__.py":
+        return False
+    calls = [n.func for n in ast.walk(ast.parse(init.read_text())) if isinstance(n, ast.Call)]
+    return any(getattr(f, "attr", getattr(f, "id", None)) in DISCOVERY_CALLS for f in calls)
 
 
 def stage_code(stage: str) -> set[str]:
@@ -213,6 +221,19 @@ def test_train_runs_the_modules_it_reaches_through_helpers():
     )
     assert {"src/vae_mlops/model.py", "src/vae_mlops/checkpoint.py"} <= stage_code("evaluate")
     assert {"src/vae_mlops/tracking/registry_client.py", "src/vae_mlops/metrics.py"} <= stage_code("register")
+
+
+def test_the_packages_that_load_plugins_are_folder_deps():
+    """Every package that calls the plugin loader is found, so a new module in it is a change to the stages using it."""
+    found = {f.parent.name for f in PKG_DIR.rglob("__init__.py") if _discovers_modules(f)}
+    assert found == {"archs", "likelihoods", "priors"}
+    assert {"src/vae_mlops/likelihoods", "src/vae_mlops/archs", "src/vae_mlops/priors"} <= stage_code("train")
+
+
+def test_no_plugin_is_a_dep_of_download():
+    """Validating params names the plugins from their files: a new likelihood does not rerun the download."""
+    plugin_deps = sorted(d for d in stage_code("download") if d.split("/")[2] in {"archs", "likelihoods", "priors"})
+    assert not plugin_deps, f"the download stage runs {plugin_deps}: params.py must list plugin names, not import them"
 
 
 # ---------------------------------------------------------------- dvc.yaml against the code

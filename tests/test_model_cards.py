@@ -7,32 +7,14 @@ import re
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from tests.support.browser import CHROMIUM, CHROMIUM_FLAGS
+from tests.support.candidates import DATA_HASH, GIT_COMMIT, METRIC, NAME, candidate
 from tests.support.mlflow_store import fresh_store, mlflow_server
 from vae_mlops import registry, tracking
 from vae_mlops.metric_catalogue import CATALOGUE
-from vae_mlops.model import VAE, VAEConfig
 from vae_mlops.params import RegisterParams
-
-METRIC = "test.nll_iwae"
-NAME = "vae-mnist"
-
-
-def _candidate(value: float, seed: int) -> registry.Candidate:
-    torch.manual_seed(seed)
-    return registry.Candidate(
-        model=VAE(VAEConfig(784, 16, 2, "bernoulli")).eval(),
-        metrics={METRIC: value, "test.elbo": -value - 1.0, "test.kl": 3.0},
-        dataset="tiny",
-        data_hash="d" * 64,
-        git_commit="0123456789abcdef0123",
-        model_sha256=f"sha-{value}-{seed}",
-        input_example=np.random.default_rng(0).random((2, 784), dtype=np.float32),
-    )
 
 
 @pytest.fixture()
@@ -47,7 +29,7 @@ def registered(tmp_path) -> tuple[Path, str, list[registry.Decision]]:
         client.log_param(run.run_id, "model.latent_dim", "2")
         client.log_param(run.run_id, "train.lr", "0.001")
         decisions.append(
-            registry.register(run, _candidate(value, int(value)), RegisterParams(NAME, METRIC, 0.0),
+            registry.register(run, candidate(value, int(value), {"test.kl": 3.0}), RegisterParams(NAME, METRIC, 0.0),
                               tmp_path / "promotions.jsonl", lambda vae: math.nan)  # fmt: skip
         )
     return tmp_path, uri, decisions
@@ -60,7 +42,7 @@ def test_every_version_card_holds_metrics_with_meaning_data_params_decision_comm
         card = client.get_model_version(NAME, d.version).description
         assert d.reason in card and d.decision in card
         assert CATALOGUE[METRIC].meaning in card and CATALOGUE["test.kl"].meaning in card
-        assert "`tiny`" in card and "d" * 64 in card and "0123456789abcdef0123" in card
+        assert "`tiny`" in card and DATA_HASH in card and GIT_COMMIT in card
         assert "| `model.latent_dim` | `2` |" in card and "| `train.lr` | `0.001` |" in card
         assert f"runs/{d.run_id})" in card and f"runs/{d.run_id}/artifactPath/compare/compare.html" in card
     model_card = client.get_registered_model(NAME).description

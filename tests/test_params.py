@@ -152,8 +152,8 @@ def test_a_section_built_in_code_is_validated_but_asks_nothing_of_this_machine()
 
     from vae_mlops.params import DataParams, TrainParams
 
-    assert DataParams("not-registered-here", 2, 1, [], 0.2, 0.2).timeout_s == 2.0  # the dataset is checked on load
+    assert DataParams("not-registered-here", 2, 1, [], 0.2, 0.2, "none").timeout_s == 2.0  # the dataset is checked on load
     with pytest.raises(ValidationError):
-        DataParams("mnist", 0.0, 1, [], 0.2, 0.2)
+        DataParams("mnist", 0.0, 1, [], 0.2, 0.2, "none")
     with pytest.raises(dataclasses.FrozenInstanceError):
         TrainParams(**{**load_params(ROOT / "params.yaml").train.__dict__}).epochs = 1  # type: ignore[misc]

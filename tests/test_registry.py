@@ -32,7 +32,12 @@ def _vae(seed: int = 0, likelihood: str = "bernoulli") -> VAE:
 
 
 def _candidate(
-    value: float, dataset: str = "tiny", data_hash: str = "hash-1", seed: int = 0, likelihood: str = "bernoulli"
+    value: float,
+    dataset: str = "tiny",
+    data_hash: str = "hash-1",
+    seed: int = 0,
+    likelihood: str = "bernoulli",
+    binarize: str = "none",
 ) -> registry.Candidate:
     return registry.Candidate(
         model=_vae(seed, likelihood),
@@ -42,6 +47,7 @@ def _candidate(
         git_commit="0123456789abcdef",
         model_sha256=f"sha-{value}-{seed}",
         input_example=np.random.default_rng(0).random((2, 784), dtype=np.float32),
+        binarize=binarize,
     )
 
 
@@ -202,6 +208,40 @@ def test_across_likelihoods_gate_on_a_metric_that_compares_across_them(store):
         d = registry.gate(reg, version.version, store.run.run_id, cand, RegisterParams(name, "test.recon_mse", 0.0),
                           _no_rescore)  # fmt: skip
     assert d.alias == "champion" and (d.value, d.champion_value) == (0.05, 0.1)
+
+
+@pytest.mark.parametrize("metric", [k for k in GATE_METRICS if CATALOGUE[k].per_likelihood])
+def test_a_likelihood_dependent_metric_is_not_compared_across_binarisations(metric):
+    value = 1.0 if CATALOGUE[metric].lower_is_better else 1000.0  # far better than the champion
+    champion = registry.Champion("1", "tiny", 100.0, likelihood="bernoulli", binarize="none")
+    promote, reason = registry.decide(metric, 0.0, value, "tiny", champion, "bernoulli", binarize="dynamic")
+    assert promote is False and "data.binarize=none" in reason and "data.binarize=dynamic" in reason
+    assert registry.decide(metric, 0.0, value, "tiny", champion, "bernoulli", binarize="none")[0] is True
+
+
+def test_a_metric_that_compares_across_binarisations_is_compared():
+    champion = registry.Champion("1", "tiny", 0.05, likelihood="bernoulli", binarize="none")
+    assert registry.decide("test.recon_mse", 0.0, 0.04, "tiny", champion, "bernoulli", binarize="dynamic")[0] is True
+
+
+def test_versions_are_tagged_with_their_binarisation():
+    assert registry.version_tags(_candidate(1.0, binarize="dynamic"))[registry.TAG_BINARIZE] == "dynamic"
+
+
+def test_a_champion_of_another_binarisation_is_not_compared_nor_rescored(store):
+    _submit(store, "binarised", _candidate(100.0, data_hash="grey"))
+    d = _submit(store, "binarised", _candidate(1.0, data_hash="binary", binarize="dynamic"))  # _no_rescore
+    assert (d.alias, d.decision, d.champion_value) == ("challenger", "not promoted", None)
+    assert d.reason.startswith("not compared: test.nll_iwae") and "data.binarize=none" in d.reason
+    assert _aliases(store, "binarised")["champion"] == "1"
+
+
+def test_a_champion_without_a_binarisation_record_trained_on_grey_values(store):
+    reg = tracking.ModelRegistry("unbinarised", store.uri)
+    cand = _candidate(100.0)
+    tags = {k: v for k, v in registry.version_tags(cand).items() if k != registry.TAG_BINARIZE}
+    version = reg.create_version(store.model_uri, store.run.run_id, tags)  # as versions registered before the tag
+    assert registry.champion_binarize(reg, reg.version(version.version)) == "none"
 
 
 def test_a_champion_without_a_likelihood_tag_is_read_from_its_run(store):

@@ -6,31 +6,13 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 import yaml
 
+from tests.support.candidates import METRIC, NAME, candidate
 from tests.support.mlflow_store import fresh_store
 from vae_mlops import cli, model_store, registry, tracking
-from vae_mlops.model import VAE, VAEConfig
 from vae_mlops.params import RegisterParams
-
-METRIC = "test.nll_iwae"
-NAME = "vae-mnist"
-
-
-def _candidate(value: float, seed: int) -> registry.Candidate:
-    torch.manual_seed(seed)
-    return registry.Candidate(
-        model=VAE(VAEConfig(784, 16, 2, "bernoulli")).eval(),
-        metrics={METRIC: value, "test.elbo": -value - 1.0, "test.recon_mse": value / 1000},
-        dataset="tiny",
-        data_hash="hash-1",
-        git_commit="0123456789abcdef",
-        model_sha256=f"sha-{value}-{seed}",
-        input_example=np.random.default_rng(0).random((2, 784), dtype=np.float32),
-    )
 
 
 @pytest.fixture()
@@ -44,7 +26,7 @@ def project(tmp_path) -> tuple[Path, str]:
     for value, seed in ((100.0, 0), (95.0, 1)):
         run = tracking.PipelineRun(client.create_run(exp).info.run_id, exp, uri)
         client.log_param(run.run_id, "model.latent_dim", "2")
-        registry.register(run, _candidate(value, seed), RegisterParams(NAME, METRIC, 0.0), log, lambda vae: math.nan)
+        registry.register(run, candidate(value, seed, {"test.recon_mse": value / 1000}), RegisterParams(NAME, METRIC, 0.0), log, lambda vae: math.nan)
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["register"].update(model_name=NAME, metric=METRIC)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -11,29 +11,33 @@ Two files: `compare.html` holds every picture as a base64 PNG, so it reads on it
 own (mailed, or opened from the MLflow run's artifacts); `compare.md` is its text
 (metrics, the gate's decision, differing params), the form the Prefect flow run's
 artifact takes. Models are read only through `model_store.load_vae`, which never
-unpickles.
+unpickles. Each model's pictures are drawn here, on the same test digits, with the
+evaluate stage's own functions (`images`): samples from the model's own prior, the
+latent map and, for a mixture prior, its samples per component and its clusters
+against the labels. A side whose model cannot be drawn here shows the pictures its
+run's evaluate stage logged (`evaluate/<name>.png`), PNG files and nothing else.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import re
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
 
-import jinja2
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from mlflow.exceptions import MlflowException
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from vae_mlops import atomic, compare_template, data, images, model_store, registry, tracking
+from vae_mlops import atomic, compare_template, data, html_page, images, model_store, registry, tracking
 from vae_mlops.datasets import get_dataset
 from vae_mlops.errors import VaeMlopsError
 from vae_mlops.metric_catalogue import CATALOGUE, METRIC_KEYS
@@ -47,10 +51,14 @@ log = logging.getLogger(__name__)
 TAG_DVC_EXPERIMENT = "dvc.experiment"  # set on the pipeline's run by the train stage (docs/mlflow.md)
 ARTIFACT_PATH = "compare"  # where the report sits among the MLflow run's artifacts
 N_DIGITS = 16  # test digits reconstructed by both models
-N_SAMPLES = 64  # decoded z ~ N(0, I), the same z for both models
+N_SAMPLES = 64  # decoded z ~ p(z), each model's own prior, drawn with the evaluation seed
 LOSS_KEYS = ("train/loss", "val/loss")
 COLOURS = {"baseline": "C1", "candidate": "C0"}  # the same in the loss chart and the page's legend
 HIDDEN_PREFIXES = ("system/",)  # machine load, not the model: left out of the metrics table
+# A side's picture in the report -> the evaluate stage's picture logged to its run (`evaluate/<name>.png`)
+LOGGED_PICTURES = {"latent": "latent_map", **{name: name for name in images.MIXTURE_PICTURES}}
+EVALUATE_ARTIFACTS = "evaluate"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _MODELS_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))")
 _EXPERIMENT_NAME = re.compile(r"[\w.-]+")
@@ -82,6 +90,15 @@ class Side:
     model: VAE | None
     note: str = ""  # why there are no pictures of this model ("" when there are)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    logged: dict[str, bytes] = field(default_factory=dict)  # report picture -> PNG its run's evaluate stage logged
+
+    @property
+    def prior(self) -> str:
+        """The model's prior p(z) in words, for the page: `N(0, I)`, `mixture of 10 Gaussians`."""
+        if self.model is None:
+            return ""
+        k = self.model.prior.n_components
+        return f"mixture of {k} Gaussians" if k else "N(0, I)"
 
     @property
     def label(self) -> str:
@@ -123,13 +140,21 @@ class Report:
     params_diff: list[tuple[str, str, str]]  # key, baseline value, candidate value
     gate: dict | None  # a promotion decision (`registry.Decision.to_dict()`)
     notes: list[str]
-    pictures: dict[str, str]  # name -> data URI; per side: "<role>.recon", "<role>.samples", "<role>.latent"
+    # name -> data URI: "loss", "digits", and per side "<role>.<picture>", a picture of `model_pictures`
+    pictures: dict[str, str]
+    from_run: set[str] = field(default_factory=set)  # pictures taken from a run's logged artifacts, not drawn here
+    latent_map: str = "pca"  # how the latent maps drawn here were made (`evaluate.latent_map`)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
     def sides(self) -> list[tuple[str, Side]]:
         """(role, side) in the order the page shows them: baseline first, as in `A B`."""
         return ([("baseline", self.baseline)] if self.baseline else []) + [("candidate", self.candidate)]
+
+    @property
+    def has_mixture(self) -> bool:
+        """Whether a side has pictures of mixture components: the page then shows that section."""
+        return any(f"{role}.cluster_samples" in self.pictures for role, _ in self.sides)
 
 
 # ---------------------------------------------------------------- metric directions and rows
@@ -218,7 +243,8 @@ def load_side(reader: tracking.RunReader, ref: Ref, model: VAE | None = None) ->
     if model is not None:
         model = model.to("cpu").eval()
     history = {k: reader.history(ref.run_id, k) for k in LOSS_KEYS}
-    return Side(ref, run, model, note, {k: v for k, v in history.items() if v})
+    logged = logged_pictures(reader, ref.run_id)
+    return Side(ref, run, model, note, {k: v for k, v in history.items() if v}, logged)
 
 
 def gate_of(reader: tracking.RunReader, run_id: str) -> dict | None:
@@ -233,19 +259,9 @@ def gate_of(reader: tracking.RunReader, run_id: str) -> dict | None:
 # ---------------------------------------------------------------- pictures
 
 
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
 def grid_png(grid: Tensor) -> bytes:
     buf = BytesIO()
     save_image(grid, buf, format="png")
-    return buf.getvalue()
-
-
-def figure_png(fig: Figure) -> bytes:
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
 
 
@@ -290,25 +306,66 @@ def loss_chart(sides: list[tuple[str, Side]]) -> Figure | None:
     return fig
 
 
-def pictures(sides: list[tuple[str, Side]], split: tuple[Tensor, Tensor] | None, cfg: EvaluateParams) -> dict[str, str]:
-    """Every picture of the report as a data URI: the loss chart, then per side reconstructions, samples, latent map."""
+def pictures(
+    sides: list[tuple[str, Side]], split: tuple[Tensor, Tensor] | None, cfg: EvaluateParams
+) -> tuple[dict[str, str], set[str]]:
+    """Every picture of the report as a data URI, and which of them are a run's logged ones.
+
+    The loss chart and the test digits, then per side: reconstructions, samples from its own prior,
+    the latent map and, for a mixture prior, samples per component and clusters against labels.
+    A picture that cannot be drawn here (no model, no test split) is the run's logged one, if any.
+    """
     out: dict[str, str] = {}
     chart = loss_chart(sides)
     if chart is not None:
-        out["loss"] = data_uri(figure_png(chart))
+        out["loss"] = html_page.figure_uri(chart)
     if split is not None:
-        out["digits"] = data_uri(grid_png(digit_row(split[0][:N_DIGITS])))
+        out["digits"] = html_page.png_uri(grid_png(digit_row(split[0][:N_DIGITS])))
     for role, side in sides:
-        if side.model is None:
-            continue
-        out[f"{role}.samples"] = data_uri(grid_png(images.sample_grid(side.model, n=N_SAMPLES, seed=cfg.seed)))
-        if split is None:
-            continue
-        x, labels = split
-        out[f"{role}.recon"] = data_uri(grid_png(digit_row(reconstruct(side.model, x[:N_DIGITS]))))
-        mu = latent_means(side.model, x, cfg.batch_size)
-        out[f"{role}.latent"] = data_uri(figure_png(images.latent_map(mu, labels, cfg.latent_map, cfg.seed)))
+        if side.model is not None:
+            out.update({f"{role}.{name}": uri for name, uri in model_pictures(side.model, split, cfg).items()})
+    from_run = set()
+    for role, side in sides:
+        for name, png in side.logged.items():
+            key = f"{role}.{name}"
+            if key not in out:
+                out[key] = html_page.png_uri(png)
+                from_run.add(key)
+    return out, from_run
+
+
+@torch.no_grad()
+def model_pictures(model: VAE, split: tuple[Tensor, Tensor] | None, cfg: EvaluateParams) -> dict[str, str]:
+    """One model's pictures as data URIs: samples of z ~ p(z) under its own prior; with the test split,
+    reconstructions, the latent map and, for a mixture prior, the evaluate stage's two mixture pictures."""
+    out = {"samples": html_page.png_uri(grid_png(images.sample_grid(model, n=N_SAMPLES, seed=cfg.seed)))}
+    if split is None:
+        return out
+    x, labels = split
+    out["recon"] = html_page.png_uri(grid_png(digit_row(reconstruct(model, x[:N_DIGITS]))))
+    mu = latent_means(model, x, cfg.batch_size)
+    out["latent"] = html_page.figure_uri(images.latent_map(mu, labels, cfg.latent_map, cfg.seed))
+    for name, fig in images.mixture_figures(model, x, labels, cfg.batch_size, cfg.seed).items():
+        out[name] = html_page.figure_uri(fig)
     return out
+
+
+def logged_pictures(reader: tracking.RunReader, run_id: str) -> dict[str, bytes]:
+    """The evaluate stage's pictures of `LOGGED_PICTURES` logged to the run, as PNG bytes; a file that is
+    not a PNG is left out (the page embeds images only)."""
+    wanted = {f"{EVALUATE_ARTIFACTS}/{name}.png": key for key, name in LOGGED_PICTURES.items()}
+    try:
+        present = [a.path for a in reader.client.list_artifacts(run_id, EVALUATE_ARTIFACTS) if a.path in wanted]
+        found: dict[str, bytes] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in present:
+                png = Path(reader.client.download_artifacts(run_id, path, tmp)).read_bytes()
+                if png.startswith(PNG_SIGNATURE):
+                    found[wanted[path]] = png
+    except (MlflowException, OSError) as exc:  # artifacts gone or unreadable: the page goes on without them
+        log.warning("the evaluate pictures of run %s were not read (%s: %s)", run_id, type(exc).__name__, exc)
+        return {}
+    return found
 
 
 def load_test_split(dataset: str, paths: Paths) -> tuple[tuple[Tensor, Tensor] | None, str]:
@@ -355,8 +412,9 @@ def build(
         gate=gate,
         notes=notes,
         pictures={},
+        latent_map=cfg.latent_map,
     )
-    report.pictures = pictures(report.sides, split, cfg)
+    report.pictures, report.from_run = pictures(report.sides, split, cfg)
     return report
 
 
@@ -371,9 +429,7 @@ def _fmt_delta(v: float | None) -> str:
 
 
 def render_html(report: Report) -> str:
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    env.filters.update(num=_fmt, delta=_fmt_delta)
-    page = env.from_string(compare_template.HTML_TEMPLATE)
+    page = html_page.environment(num=_fmt, delta=_fmt_delta).from_string(compare_template.HTML_TEMPLATE)
     return page.render(r=report, n_digits=N_DIGITS, n_samples=N_SAMPLES)
 
 
@@ -404,7 +460,8 @@ def render_markdown(report: Report) -> str:
         lines += [f"| `{k}` | {cell(a)} | {cell(b)} |" for k, a, b in report.params_diff]
     if report.notes:
         lines += ["", "## Notes", "", *[f"- {cell(n)}" for n in report.notes]]
-    pictures = "Pictures (loss curves, reconstructions, samples, latent maps): `compare.html`."
+    pictures = ("Pictures (loss curves, reconstructions, samples from each model's prior, latent maps, and for a "
+                "mixture prior its components and clusters): `compare.html`.")  # fmt: skip
     lines += ["", f"{pictures} Made {report.created}.", ""]
     return "\n".join(lines)
 

@@ -3,28 +3,15 @@
 `compare.render_html` fills it with a `compare.Report` as `r`; every picture is a data URI, so the page is one file.
 """
 
-HTML_TEMPLATE = """\
-<!DOCTYPE html>
-{#- The comparison report (vae_mlops.compare): one self-contained page, every picture a data URI. -#}
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{ r.title }}</title>
-<style>
-  :root { --baseline: #ff7f0e; --candidate: #1f77b4; --good: #1a7f37; --bad: #b42318; --line: #d0d7de; }
-  body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #1f2328;
-         max-width: 1240px; margin: 0 auto; padding: 20px 28px 40px; }
-  h1 { font-size: 22px; margin: 0 0 6px; }
-  h2 { font-size: 17px; margin: 28px 0 10px; border-bottom: 1px solid var(--line); padding-bottom: 4px; }
+from vae_mlops import html_page
+
+STYLE = """\
+  :root { --baseline: #ff7f0e; --candidate: #1f77b4; --good: #1a7f37; --bad: #b42318; }
   .runs { display: flex; gap: 24px; flex-wrap: wrap; color: #57606a; }
-  .swatch { display: inline-block; width: 12px; height: 12px; border-radius: 2px; vertical-align: -1px; margin-right: 4px; }
   .baseline .swatch { background: var(--baseline); } .candidate .swatch { background: var(--candidate); }
-  code { font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; background: #f6f8fa; padding: 1px 4px; border-radius: 4px; }
   .gate { border: 1px solid var(--line); border-left: 6px solid #8c959f; border-radius: 6px; padding: 10px 14px; }
   .gate.promoted { border-left-color: var(--good); } .gate.not-promoted { border-left-color: var(--bad); }
   .gate b { text-transform: uppercase; letter-spacing: .03em; }
-  table { border-collapse: collapse; }
   table.metrics th, table.metrics td, table.params th, table.params td {
     border-bottom: 1px solid var(--line); padding: 4px 12px; text-align: right; font-variant-numeric: tabular-nums; }
   table.metrics th:first-child, table.metrics td:first-child, table.params td, table.params th { text-align: left; }
@@ -37,12 +24,12 @@ HTML_TEMPLATE = """\
   img.digits { image-rendering: pixelated; }
   table.recon th { text-align: right; padding-right: 12px; font-weight: 600; white-space: nowrap; }
   table.recon td { padding: 2px 0; }
-  .missing { color: #57606a; font-style: italic; }
-  .notes li { color: #57606a; }
-  footer { margin-top: 32px; color: #57606a; font-size: 12px; }
-</style>
-</head>
-<body>
+  .missing { font-style: italic; }
+  footer { margin-top: 32px; font-size: 12px; }
+"""
+
+BODY = """\
+{#- The comparison report (vae_mlops.compare): one self-contained page, every picture a data URI. -#}
 <h1>{{ r.title }}</h1>
 <div class="runs">
 {%- for role, side in r.sides %}
@@ -105,29 +92,50 @@ HTML_TEMPLATE = """\
 </table>
 {%- else %}<p class="missing">The test split is not available here.</p>{% endif %}
 
-<h2>Samples (the same {{ n_samples }} draws of z ~ N(0, I))</h2>
-<div class="pair">
+<h2>Samples: {{ n_samples }} draws of z from each model's own prior p(z)</h2>
+<p class="missing">One seed for both: two N(0, I) priors of one latent size decode the same z.</p>
+<div class="pair" id="samples">
 {%- for role, side in r.sides %}
-  <figure class="{{ role }}"><figcaption><span class="swatch"></span>{{ side.label }}</figcaption>
+  <figure class="{{ role }}"><figcaption><span class="swatch"></span>{{ side.label }}{% if side.prior %} · z ~ {{ side.prior }}{% endif %}</figcaption>
   {%- if r.pictures.get(role ~ '.samples') %}<img class="digits" src="{{ r.pictures.get(role ~ '.samples') }}" alt="samples from {{ side.label }}" width="484">
   {%- else %}<span class="missing">no model</span>{% endif %}</figure>
 {%- endfor %}
 </div>
 
 <h2>Latent maps of the test set</h2>
-<div class="pair">
+<div class="pair" id="latent-maps">
 {%- for role, side in r.sides %}
   <figure class="{{ role }}"><figcaption><span class="swatch"></span>{{ side.label }}</figcaption>
   {%- if r.pictures.get(role ~ '.latent') %}<img src="{{ r.pictures.get(role ~ '.latent') }}" alt="latent map of {{ side.label }}" width="580">
-  {%- else %}<span class="missing">no model or no test split</span>{% endif %}</figure>
+  {%- if (role ~ '.latent') in r.from_run %}<div class="missing">as its run's evaluate stage logged it</div>
+  {%- else %}<div class="missing">drawn here: <code>evaluate.latent_map</code> = {{ r.latent_map }}</div>{% endif %}
+  {%- else %}<span class="missing">no model or no test split, and the run logged no latent map</span>{% endif %}</figure>
 {%- endfor %}
 </div>
+
+{%- if r.has_mixture %}
+<h2>Mixture components</h2>
+<p class="missing">Samples of each component, one row per cluster, labelled with the test label it mostly holds;
+then the clusters, argmax q(c|x), against the test labels.</p>
+<div class="pair" id="mixture">
+{%- for role, side in r.sides %}
+  <figure class="{{ role }}"><figcaption><span class="swatch"></span>{{ side.label }}</figcaption>
+  {%- if r.pictures.get(role ~ '.cluster_samples') %}
+  <img class="cluster-samples" src="{{ r.pictures.get(role ~ '.cluster_samples') }}" alt="samples of each component of {{ side.label }}" width="480">
+  {%- if r.pictures.get(role ~ '.cluster_confusion') %}
+  <img class="cluster-confusion" src="{{ r.pictures.get(role ~ '.cluster_confusion') }}" alt="clusters of {{ side.label }} against the labels" width="480">
+  {%- endif %}
+  {%- if (role ~ '.cluster_samples') in r.from_run %}<div class="missing">as its run's evaluate stage logged them</div>{% endif %}
+  {%- elif side.model is not none and not side.model.prior.n_components %}<span class="missing">no components: its prior is {{ side.prior }}</span>
+  {%- else %}<span class="missing">no model or no test split, and the run logged no mixture pictures</span>{% endif %}</figure>
+{%- endfor %}
+</div>
+{%- endif %}
 
 {%- if r.notes %}
 <h2>Notes</h2>
 <ul class="notes">{% for note in r.notes %}<li>{{ note }}</li>{% endfor %}</ul>
 {%- endif %}
 <footer>vae-mlops comparison report · deltas are candidate − baseline · made {{ r.created }}</footer>
-</body>
-</html>
 """
+HTML_TEMPLATE = html_page.template("{{ r.title }}", STYLE, BODY)

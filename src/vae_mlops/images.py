@@ -231,14 +231,23 @@ def eval_pictures(
         "reconstructions": save_png(reconstruction_grid(model, x), out_dir / "reconstructions.png"),
         "loss_curves": save_figure(loss_curves(history), out_dir / "loss_curves.png"),
     }
-    k = model.prior.n_components
-    if k:
-        truth = labels[labelled].cpu().numpy()
-        table = cluster_table(mixture_clusters(model, x[labelled.to(device)], cfg.batch_size), truth, k)
-        classes = np.unique(truth)
-        pictures["cluster_samples"] = save_figure(
-            cluster_samples(model, table, classes, cfg.seed), out_dir / "cluster_samples.png"
-        )
-        confusion = cluster_confusion(table, classes)
-        pictures["cluster_confusion"] = save_figure(confusion, out_dir / "cluster_confusion.png")
+    for name, fig in mixture_figures(model, x, labels, cfg.batch_size, cfg.seed).items():
+        pictures[name] = save_figure(fig, out_dir / f"{name}.png")
     return pictures
+
+
+@torch.no_grad()
+def mixture_figures(model: VAE, x: Tensor, labels: Tensor, batch_size: int, seed: int) -> dict[str, Figure]:
+    """The `MIXTURE_PICTURES` of a prior with components, from the labelled images; none for a prior without.
+
+    Shared by the evaluate stage and the comparison report, so both show the same pictures.
+    """
+    k = model.prior.n_components
+    if not k:
+        return {}
+    labelled = labels >= 0  # recorded traffic in the test split is labelled -1
+    truth = labels[labelled].cpu().numpy()
+    table = cluster_table(mixture_clusters(model, x[labelled.to(x.device)], batch_size), truth, k)
+    classes = np.unique(truth)
+    return {"cluster_samples": cluster_samples(model, table, classes, seed),
+            "cluster_confusion": cluster_confusion(table, classes)}  # fmt: skip

@@ -10,19 +10,16 @@ JSON (`reports/loop.json`), from which the page can be rendered again.
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import jinja2
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from vae_mlops import atomic
+from vae_mlops import atomic, html_page
 
 MARKER_KINDS = {  # kind -> (colour, what the line means)
     "drift": ("#b42318", "drift found"),
@@ -130,37 +127,15 @@ def timeline_figure(t: Timeline) -> Figure:
     return fig
 
 
-def figure_uri(fig: Figure) -> str:
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 # ---------------------------------------------------------------- the page
 
-TEMPLATE = """\
-<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{ t.title }}</title>
-<style>
-  :root { --line: #d0d7de; }
-  body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #1f2328;
-         max-width: 1240px; margin: 0 auto; padding: 20px 28px 40px; }
-  h1 { font-size: 22px; margin: 0 0 6px; }
-  h2 { font-size: 17px; margin: 28px 0 10px; border-bottom: 1px solid var(--line); padding-bottom: 4px; }
-  table { border-collapse: collapse; }
+STYLE = """\
   th, td { border-bottom: 1px solid var(--line); padding: 3px 10px; text-align: right; font-variant-numeric: tabular-nums; }
   th:first-child, td:first-child, td.text { text-align: left; }
   tr.over td { color: #b42318; } tr.drift td { font-weight: 700; }
-  .swatch { display: inline-block; width: 12px; height: 12px; border-radius: 2px; vertical-align: -1px; margin-right: 4px; }
-  code { font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; background: #f6f8fa; padding: 1px 4px; border-radius: 4px; }
-  .missing, footer, .notes li { color: #57606a; }
-</style>
-</head>
-<body>
+"""
+
+BODY = """\
 <h1>{{ t.title }}</h1>
 <p>{% for p in t.phases %}<b>phase {{ p.name }}</b>: {{ p.traffic }}{% if not loop.last %} · {% endif %}{% endfor %}</p>
 
@@ -198,15 +173,13 @@ TEMPLATE = """\
 <ul class="notes">{% for n in t.notes %}<li>{{ n }}</li>{% endfor %}</ul>
 {%- endif %}
 <footer>vae-mlops loop demo · made {{ t.created }}</footer>
-</body>
-</html>
 """
+TEMPLATE = html_page.template("{{ t.title }}", STYLE, BODY)
 
 
 def render_html(t: Timeline) -> str:
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    picture = figure_uri(timeline_figure(t)) if t.checks else ""
-    return env.from_string(TEMPLATE).render(t=t, picture=picture, kinds=MARKER_KINDS)
+    picture = html_page.figure_uri(timeline_figure(t)) if t.checks else ""
+    return html_page.environment().from_string(TEMPLATE).render(t=t, picture=picture, kinds=MARKER_KINDS)
 
 
 def write(t: Timeline, html_path: Path) -> tuple[Path, Path]:

@@ -13,6 +13,10 @@ decoded mean, k-means scores, the linear probe) compare across every model. The 
 own cluster scores (`mixture_only`) exist only for a prior with components (`model.prior:
 gmm`) and compare between such models, and with the k-means scores of any model. Every
 metric compares only on the same test data.
+
+A likelihood-dependent metric also compares only between models of one `data.binarize`
+(`vae_mlops.binarize`): a log-likelihood of binary pixels, the number papers report, is not
+one of grey values. The registry gate never compares across either.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class Metric:
     low: float  # valid range, inclusive; -inf/inf: unbounded
     high: float
     meaning: str
-    per_likelihood: bool  # True: comparable only between models of one `model.likelihood`
+    per_likelihood: bool  # True: comparable only between models of one `model.likelihood` and one `data.binarize`
     integer: bool = False
     slack: float = 0.0  # the range check allows this much float rounding below `low`
     mixture_only: bool = False  # reported only by models whose prior has components (q(c|x))
@@ -44,7 +48,7 @@ class Metric:
     def comparable_across(self) -> str:
         if self.mixture_only:
             return "mixture priors"
-        return "one likelihood" if self.per_likelihood else "all likelihoods"
+        return "one likelihood and binarisation" if self.per_likelihood else "all likelihoods"
 
 
 INF = math.inf

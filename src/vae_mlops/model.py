@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from vae_mlops import accel
 from vae_mlops.archs import Network, get_arch
+from vae_mlops.archs.mlp import MLP, MLPNetwork
 from vae_mlops.likelihoods import Likelihood, get_likelihood
 from vae_mlops.priors import Prior, get_prior
 from vae_mlops.priors.base import log_normal
@@ -56,8 +58,8 @@ class VAEConfig:
 
     @property
     def fusable(self) -> bool:
-        """Whether `step.FusedELBO`, written for the `mlp` and N(0, I), computes this model's step."""
-        return self.arch == "mlp" and self.prior == "normal"
+        """Whether the fused step (`accel.fused_elbo`), written for the `mlp` and N(0, I), computes this model's step."""
+        return self.arch == MLP.name and self.prior == "normal"
 
 
 def config_from_params(model: ModelParams, input_dim: int = 784) -> VAEConfig:
@@ -119,6 +121,13 @@ class VAE(nn.Module):
         mu, log_std = self.encode(x)
         z = reparameterize(mu, log_std, eps)
         return self.likelihood.recon_loss(self.decode_logits(z), x), self.prior.kl(mu, log_std, z)
+
+    def fused_params(self) -> list[Tensor]:
+        """The weights and biases the fused step takes, layer by layer in `MLPNetwork.LAYERS` order, found by name."""
+        if not self.config.fusable:
+            raise ValueError(f"no fused step for arch {self.config.arch!r} with prior {self.config.prior!r}")
+        named = dict(self.named_parameters())
+        return [named[f"{layer}.{p}"] for layer in MLPNetwork.LAYERS for p in ("weight", "bias")]
 
     def cluster_probs(self, x: Tensor) -> Tensor:
         """q(c|x) (B, K) of a mixture prior, at z = mu: the clusters the model itself assigns."""
@@ -203,8 +212,8 @@ def iwae_log_likelihood(
         log_pz_qz = model.prior.log_prob(z) - log_normal(z, mu, log_std)  # (k, B)
     per = max(1, chunk // b)
     out = model.net.output_layer()
-    if out is not None:  # a Linear last layer: the likelihood's fast path
-        log_px = model.likelihood.iwae_log_px(model.decode_hidden, out, x, z, per, mm_dtype)  # (k, B)
+    if out is not None:  # a Linear last layer: the fast path
+        log_px = accel.iwae_log_px(model.likelihood, model.decode_hidden, out, x, z, per, mm_dtype)  # (k, B)
     else:
         logits = (model.decode_logits(zc) for zc in z.split(per))  # (n, B, D) each
         log_px = torch.cat([model.likelihood.log_prob(lc, x.expand_as(lc)) for lc in logits])

@@ -32,12 +32,11 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from mlflow.models import ModelSignature
-from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 from mlflow.types import ParamSchema, ParamSpec
 
 from vae_mlops.errors import VaeMlopsError
 from vae_mlops.model import VAE, VAEConfig
+from vae_mlops.tracking import mlflow_internals
 from vae_mlops.tracking.store import use_store
 
 if TYPE_CHECKING:
@@ -166,13 +165,8 @@ def registered_version(model_uri: str, tracking_uri: str) -> dict[str, str | Non
 
 def _artifact_root(model_uri: str, tracking_uri: str) -> str:
     """The concrete artifact URI (file://, mlflow-artifacts:/, s3://...) of a `models:/` or `runs:/` URI."""
-
     with use_store(tracking_uri):
-        if ModelsArtifactRepository.is_models_uri(model_uri):
-            return ModelsArtifactRepository.get_underlying_uri(model_uri)
-        if RunsArtifactRepository.is_runs_uri(model_uri):
-            return RunsArtifactRepository.get_underlying_uri(model_uri)
-    return model_uri
+        return mlflow_internals.artifact_root(model_uri)
 
 
 def _download(root: str, relative: str, dst: Path, tracking_uri: str) -> Path:

@@ -21,16 +21,18 @@ from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, Val
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
-from vae_mlops.archs import ARCHS
+from vae_mlops.binarize import MODES as BINARIZE_MODES
 from vae_mlops.datasets import known_datasets
 from vae_mlops.errors import VaeMlopsError
 from vae_mlops.metric_catalogue import gate_metric_problem
-from vae_mlops.likelihoods import LIKELIHOODS as LIKELIHOOD_REGISTRY
-from vae_mlops.priors import PRIORS
+from vae_mlops.plugins import names as plugin_names
 from vae_mlops.precision import PRECISIONS
 
 DATASETS = ("mnist", "fashion-mnist")
-LIKELIHOODS = tuple(LIKELIHOOD_REGISTRY)  # one module each in vae_mlops/likelihoods/
+# The legal names from the plugin folders' file names: validating params imports no model code
+LIKELIHOODS = plugin_names("vae_mlops.likelihoods")  # one module each in vae_mlops/likelihoods/
+ARCHS = plugin_names("vae_mlops.archs")
+PRIORS = plugin_names("vae_mlops.priors")
 DEVICES = ("auto", "cpu", "cuda")
 LATENT_MAPS = ("pca", "tsne")
 SNAPSHOT_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")  # a snapshot of recorded traffic: <UTC time>-<sha256 prefix>
@@ -127,6 +129,7 @@ class DataParams:
     snapshots: tuple[Annotated[str, Strict(), _rule(_snapshot_id)], ...]
     incoming_max_fraction: Annotated[float, Strict(), Field(ge=0, lt=1)]  # their largest share of the training set
     incoming_holdout: Annotated[float, Strict(), Field(gt=0, lt=1)]  # held out of each: half validation, half test
+    binarize: Annotated[str, Strict(), _rule(_one_of(*BINARIZE_MODES))]  # none | dynamic (vae_mlops.binarize)
 
 
 @dataclass(frozen=True, config=SECTION)

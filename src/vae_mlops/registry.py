@@ -6,8 +6,8 @@ the same test data (a champion scored on data with another hash is re-scored on
 the current test split first). Otherwise the new version gets `challenger`. The
 first version is champion. Values that are not of one kind are never compared:
 a champion of another dataset, or, for a likelihood-dependent metric
-(`metric_catalogue`), of another `model.likelihood`, stays, and the decision says
-what to change.
+(`metric_catalogue`), of another `model.likelihood` or another `data.binarize`,
+stays, and the decision says what to change.
 
 Aliases keep no history, so every decision is appended to the promotion log
 (`reports/promotions.jsonl`) and tagged on its version (`promotion`, JSON).
@@ -39,7 +39,9 @@ from typing import Callable, Iterator
 from rich.table import Table
 
 from vae_mlops import model_store, tracking
+from vae_mlops.binarize import NONE as NONE_BINARIZED
 from vae_mlops.errors import VaeMlopsError
+from vae_mlops.locks import wait_flock
 from vae_mlops.metric_catalogue import CATALOGUE, Metric, gate_metric_problem
 from vae_mlops.params import RegisterParams
 
@@ -52,6 +54,7 @@ NOT_PROMOTED = "not promoted"
 
 TAG_MODEL_SHA256 = "model.sha256"
 TAG_LIKELIHOOD = "model.likelihood"  # a likelihood-dependent metric compares only between versions of one
+TAG_BINARIZE = "data.binarize"  # ... and of one binarisation (vae_mlops.binarize)
 TAG_METRIC = "metric."  # + metric key: the value on the test data of `data.hash`
 TAG_PROMOTION = "promotion"
 TAG_ROLLBACK = "rollback."  # + UTC time as digits: one JSON decision per rollback to this version
@@ -77,6 +80,7 @@ class Candidate:
     git_commit: str
     model_sha256: str
     input_example: object  # (2, 784) float32 numpy: test images
+    binarize: str = NONE_BINARIZED  # its `data.binarize`: what its likelihood metrics were scored on
 
     @property
     def likelihood(self) -> str | None:
@@ -93,6 +97,7 @@ class Champion:
     value: float | None
     rescored: bool = False
     likelihood: str | None = None  # its `model.likelihood`; None: not recorded
+    binarize: str = NONE_BINARIZED  # its `data.binarize`; versions from before it was recorded trained on grey values
 
 
 @dataclass(frozen=True)
@@ -133,18 +138,27 @@ def gate_metric(metric: str) -> Metric:
     return CATALOGUE[metric]
 
 
-def comparable(metric: str, likelihood: str | None, champion: Champion) -> bool:
-    """False when `metric` depends on the likelihood and the two versions' likelihoods differ."""
-    return not CATALOGUE[metric].per_likelihood or champion.likelihood == likelihood
+def comparable(metric: str, likelihood: str | None, champion: Champion, binarize: str = NONE_BINARIZED) -> bool:
+    """False when `metric` depends on the likelihood and the two versions' likelihoods or binarisations differ."""
+    m = CATALOGUE[metric]
+    return not m.per_likelihood or (champion.likelihood == likelihood and champion.binarize == binarize)
 
 
 def decide(
-    metric: str, min_delta: float, value: float, dataset: str, champion: Champion | None, likelihood: str | None = None
+    metric: str,
+    min_delta: float,
+    value: float,
+    dataset: str,
+    champion: Champion | None,
+    likelihood: str | None = None,
+    binarize: str = NONE_BINARIZED,
 ) -> tuple[bool, str]:
     """The gate itself: (promote?, why). Promotes only on a strict improvement of at least `min_delta`.
 
     `likelihood` is the candidate's `model.likelihood`; a likelihood-dependent metric is
-    compared only with a champion of the same one (None on both sides counts as the same).
+    compared only with a champion of the same one (None on both sides counts as the same), and of the
+    same `binarize` (`data.binarize`): a log-likelihood of binary pixels and one of grey values are not
+    numbers of one kind either.
     """
     lower = gate_metric(metric).lower_is_better
     if champion is None:
@@ -154,7 +168,15 @@ def decide(
             f"not compared: champion v{champion.version} was evaluated on {champion.dataset!r}, this version "
             f"on {dataset!r}; the champion stays (use one register.model_name per dataset)"
         )
-    if not comparable(metric, likelihood, champion):
+    if champion.binarize != binarize and not comparable(metric, likelihood, champion, binarize):
+        across = ", ".join(k for k, m in CATALOGUE.items() if m.direction and not m.per_likelihood)
+        return False, (
+            f"not compared: {metric} is a log-likelihood of the test pixels, comparable only between models of one "
+            f"data.binarize; champion v{champion.version} is data.binarize={champion.binarize}, this version "
+            f"data.binarize={binarize}. The champion stays: to gate across binarisations set register.metric to one "
+            f"that compares across them ({across}), or register each under its own register.model_name"
+        )
+    if not comparable(metric, likelihood, champion, binarize):
         across = ", ".join(k for k, m in CATALOGUE.items() if m.direction and not m.per_likelihood)
         return False, (
             f"not compared: {metric} is a density under each model's own likelihood, comparable only within one; "
@@ -190,18 +212,10 @@ def registration_lock(uri: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[b
     path = lock_path(store)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RegistryError(
-                        f"another registration has held {path} for over {timeout_s:.0f}s; "
-                        "wait for it to finish, then rerun"
-                    ) from None
-                time.sleep(0.1)
+        if not wait_flock(fh, timeout_s, poll_s=0.1):
+            raise RegistryError(
+                f"another registration has held {path} for over {timeout_s:.0f}s; wait for it to finish, then rerun"
+            )
         try:
             fh.seek(0)
             fh.truncate()
@@ -262,6 +276,7 @@ def version_tags(c: Candidate) -> dict[str, str]:
         tracking.TAG_DATA_HASH: c.data_hash,
         TAG_MODEL_SHA256: c.model_sha256,
         **({TAG_LIKELIHOOD: c.likelihood} if c.likelihood else {}),
+        TAG_BINARIZE: c.binarize,
         **{TAG_METRIC + k: repr(float(v)) for k, v in c.metrics.items()},
     }
 
@@ -290,7 +305,9 @@ def gate(
     if current == version:  # settled already (a server round that found its own alias)
         promote, reason = True, "already the champion"
     else:
-        promote, reason = decide(cfg.metric, cfg.min_delta, value, candidate.dataset, champion, candidate.likelihood)
+        promote, reason = decide(
+            cfg.metric, cfg.min_delta, value, candidate.dataset, champion, candidate.likelihood, candidate.binarize
+        )
     alias = CHAMPION if promote else CHALLENGER
     reg.set_alias(alias, version)
     return Decision(
@@ -334,22 +351,22 @@ def _champion(
     """The champion's score on the candidate's test data: its own tag when the data hash agrees, else re-scored."""
     info = reg.version(version)
     dataset = info.tags.get(tracking.TAG_DATASET, "unknown")
-    likelihood = champion_likelihood(reg, info)
+    kind = {"likelihood": champion_likelihood(reg, info), "binarize": champion_binarize(reg, info)}
     if dataset != candidate.dataset:
-        return Champion(version, dataset, None, likelihood=likelihood)
-    if not comparable(metric, candidate.likelihood, Champion(version, dataset, None, likelihood=likelihood)):
-        return Champion(version, dataset, None, likelihood=likelihood)  # not compared, so not re-scored either
+        return Champion(version, dataset, None, **kind)
+    if not comparable(metric, candidate.likelihood, Champion(version, dataset, None, **kind), candidate.binarize):
+        return Champion(version, dataset, None, **kind)  # not compared, so not re-scored either
     if info.tags.get(tracking.TAG_DATA_HASH) == candidate.data_hash and TAG_METRIC + metric in info.tags:
-        return Champion(version, dataset, float(info.tags[TAG_METRIC + metric]), likelihood=likelihood)
+        return Champion(version, dataset, float(info.tags[TAG_METRIC + metric]), **kind)
     cached = f"{TAG_METRIC}{metric}:{candidate.data_hash[:16]}"  # a re-score done before on this data
     if cached in info.tags:
-        return Champion(version, dataset, float(info.tags[cached]), rescored=True, likelihood=likelihood)
+        return Champion(version, dataset, float(info.tags[cached]), rescored=True, **kind)
     log.info("champion v%s was scored on other test data: re-scoring it on the current test split", version)
     started = time.monotonic()
     value = float(rescore(model_store.load_vae(f"models:/{reg.name}/{version}", reg.uri)))
     log.info("champion v%s re-scored: %s = %.4f (%.0f s)", version, metric, value, time.monotonic() - started)
     reg.set_tags(version, {cached: repr(value)})
-    return Champion(version, dataset, value, rescored=True, likelihood=likelihood)
+    return Champion(version, dataset, value, rescored=True, **kind)
 
 
 def champion_likelihood(reg: tracking.ModelRegistry, info: tracking.VersionInfo) -> str | None:
@@ -358,6 +375,14 @@ def champion_likelihood(reg: tracking.ModelRegistry, info: tracking.VersionInfo)
         return info.tags[TAG_LIKELIHOOD]
     run = tracking.RunReader(reg.uri).run(info.run_id) if info.run_id else None
     return run.params.get("model.likelihood") if run else None
+
+
+def champion_binarize(reg: tracking.ModelRegistry, info: tracking.VersionInfo) -> str:
+    """The version's `data.binarize` tag, else its run's logged param, else `none` (made before binarisation)."""
+    if TAG_BINARIZE in info.tags:
+        return info.tags[TAG_BINARIZE]
+    run = tracking.RunReader(reg.uri).run(info.run_id) if info.run_id else None
+    return (run.params.get(TAG_BINARIZE) if run else None) or NONE_BINARIZED
 
 
 def _settle(

@@ -13,7 +13,8 @@ import os
 from typing import Any, Awaitable, Callable
 
 import numpy as np
-from mlflow.pyfunc import scoring_server
+
+from vae_mlops.tracking import mlflow_internals
 
 ENV_MODEL_DIR = "VAE_SERVE_MODEL_DIR"
 MAX_DEPTH = 64  # a batch is 3 levels deep ({"inputs": [[...]]}); far below the parser's recursion limit
@@ -92,7 +93,7 @@ async def _answer(send: Send, status: int, message: str) -> None:
 
 def build_app(model_dir: str):
     """MLflow's scoring app on the local folder `model_dir`, guarded."""
-    return BodyGuard(scoring_server.init(scoring_server.load_model_with_mlflow_config(model_dir)))
+    return BodyGuard(mlflow_internals.scoring_app(model_dir))
 
 
 def __getattr__(name: str):

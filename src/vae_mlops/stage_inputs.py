@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vae_mlops import checkpoint, data, snapshots
+from vae_mlops import binarize, checkpoint, data, snapshots
 from vae_mlops.datasets import get_dataset
 from vae_mlops.model import VAE
 from vae_mlops.params import Params
@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainData:
-    """The training and validation tensors on the device, and the data's identity."""
+    """The training and validation tensors on the device, and the data's identity.
+
+    Under `data.binarize: dynamic` `x_val` is its fixed binary draw; `x_train` stays grey (a fresh draw per epoch).
+    """
 
     x_train: Tensor
     x_val: Tensor
@@ -44,27 +47,29 @@ def load_train_data(params: Params, paths: Paths, device: torch.device) -> Train
         log.info("data.incoming_max_fraction leaves %d snapshot images out of training", incoming.capped)
     x_train = torch.cat([x[train_idx], to_unit_float(torch.from_numpy(incoming.train), device)])
     x_val = torch.cat([x[val_idx], to_unit_float(torch.from_numpy(incoming.val), device)])
-    return TrainData(x_train, x_val, manifest)
+    return TrainData(x_train, binarize.fixed_images(x_val, params.data.binarize, "validation"), manifest)
 
 
 def load_test_split(params: Params, paths: Paths, device: torch.device) -> tuple[Tensor, Tensor]:
     """The test images as float32 (N, 784) on [0, 1] on the device, and their labels (N,) on the CPU.
 
     The named snapshots' test shares follow the dataset's test split, labelled `snapshots.UNLABELLED`.
+    Under `data.binarize: dynamic`, the images are the test split's one fixed binary draw.
     """
     spec = get_dataset(params.data.dataset)
     images_u8, labels = data.load_split(paths.raw_dir(params.data.dataset), spec, "test")
     extra = torch.from_numpy(snapshots.load_incoming(params.data, paths, n_base_train=0).test)  # (the cap is on train)
     images_u8 = torch.cat([images_u8, extra])
     labels = torch.cat([labels, torch.full((len(extra),), snapshots.UNLABELLED, dtype=labels.dtype)])
-    return to_unit_float(images_u8, device), labels
+    return binarize.fixed_images(to_unit_float(images_u8, device), params.data.binarize, "test"), labels
 
 
 def load_probe_split(params: Params, paths: Paths, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The dataset's labelled training split, float32 on the device, and its labels: what the linear probe fits."""
+    """The dataset's labelled training split, float32 on the device (binarised as the test split), and its labels:
+    what the linear probe fits."""
     spec = get_dataset(params.data.dataset)
     images_u8, labels = data.load_split(paths.raw_dir(params.data.dataset), spec, "train")
-    return to_unit_float(images_u8, device), labels
+    return binarize.fixed_images(to_unit_float(images_u8, device), params.data.binarize, "probe"), labels
 
 
 def load_trained(paths: Paths, device: torch.device) -> tuple[VAE, dict]:

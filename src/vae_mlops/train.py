@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from vae_mlops import binarize as binarisation
 from vae_mlops.denormals import flushed_denormals
 from vae_mlops.distributed import Single
 from vae_mlops.errors import VaeMlopsError
@@ -212,8 +213,12 @@ def train_epoch(
     epochs: int,
     stepper: Stepper | None = None,
     world: Single = Single(),
+    binarize: str = binarisation.NONE,
 ) -> Tensor:
-    """One epoch over `x_train`; returns device means (loss, recon, kl) and the first bad batch (or -1)."""
+    """One epoch over `x_train`; returns device means (loss, recon, kl) and the first bad batch (or -1).
+
+    `binarize` (`data.binarize`): `dynamic` trains on a fresh Bernoulli draw of the split this epoch.
+    """
     assert likelihood == state.model.config.likelihood
     stepper = stepper or build_stepper(state.model, state.optimizer, cfg, world)
     epoch = state.epoch + 1
@@ -221,6 +226,7 @@ def train_epoch(
     plan = shard_plan(n, cfg.batch_size, world.world_size, world.rank)
     eps_all = torch.randn((n, latent), generator=state.noise, device=device)  # every rank draws the global noise
     order = epoch_permutation(n, cfg.seed, epoch, device)
+    x_train = binarisation.epoch_images(x_train, binarize, cfg.seed, epoch)
     if world.world_size == 1:
         xs, eps = gather(state, x_train, order), eps_all  # one gather, then contiguous slices
     else:
@@ -286,12 +292,13 @@ def fit(
     likelihood: str,
     on_epoch: Callable[[EpochStats, TrainState], None] = lambda stats, state: None,
     world: Single = Single(),
+    binarize: str = binarisation.NONE,
 ) -> list[dict]:
     """Train from `state.epoch` to `cfg.epochs`, calling `on_epoch` after each finished epoch.
 
     Raises `TrainingDiverged` before `on_epoch` when the loss is not finite, so
     the last checkpoint written stays the last good one. Under DDP every rank
-    calls `fit`; `world` tells the loop its rank.
+    calls `fit`; `world` tells the loop its rank. `binarize` is `data.binarize` (`x_val` comes drawn already).
     """
     stepper = build_stepper(state.model, state.optimizer, cfg, world)
     while state.epoch < cfg.epochs:
@@ -299,7 +306,7 @@ def fit(
         epoch = state.epoch + 1
         for group in state.optimizer.param_groups:  # a function of the epoch alone: a resumed run gets the same
             group["lr"] = learning_rate(cfg, epoch)
-        summary = train_epoch(state, x_train, cfg, likelihood, cfg.epochs, stepper, world)
+        summary = train_epoch(state, x_train, cfg, likelihood, cfg.epochs, stepper, world, binarize)
         val = validation_means(state.model, x_val, cfg, epoch, world)  # queued before any read: one sync per epoch
         loss, recon, kl, bad, val_recon, val_kl = torch.cat([summary, val]).tolist()
         if bad >= 0:

@@ -7,31 +7,15 @@ The legal values of `model.arch` in params.yaml are this registry's names.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from vae_mlops import plugins
 from vae_mlops.archs.base import Architecture, Network
 
-
-def _discover() -> dict[str, Architecture]:
-    found: dict[str, Architecture] = {}
-    for info in pkgutil.iter_modules(__path__):
-        if info.name == "base" or info.name.startswith("_"):
-            continue
-        arch = importlib.import_module(f"{__name__}.{info.name}").ARCH
-        found[arch.name] = arch
-    return dict(sorted(found.items()))
-
-
-ARCHS: dict[str, Architecture] = _discover()
+ARCHS: dict[str, Architecture] = plugins.discover(__name__, __path__, "ARCH")
 
 
 def get_arch(name: str) -> Architecture:
     """The registered architecture called `name`; a clear error naming the choices otherwise."""
-    try:
-        return ARCHS[name]
-    except KeyError:
-        raise ValueError(f"unknown architecture {name!r}: use one of {', '.join(ARCHS)}") from None
+    return plugins.pick(ARCHS, name, "architecture")
 
 
 __all__ = ["ARCHS", "Architecture", "Network", "get_arch"]

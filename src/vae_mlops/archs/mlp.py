@@ -1,4 +1,4 @@
-"""The PyTorch example's VAE: one hidden layer each way (784-h-l), the layers the fused step knows by name."""
+"""The PyTorch example's VAE: one hidden layer each way (784-h-l), the network the fused step (`accel`) computes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ from vae_mlops.archs.base import ArchConfig, Architecture, Network
 
 class MLPNetwork(Network):
     """Encoder Linear(D, h) -> ReLU -> (mu, log_std); decoder Linear(l, h) -> ReLU -> Linear(h, D)."""
+
+    # Every Linear layer, in the order the fused step's maths (`accel.elbo`) takes their weights: the one list
+    # that the step, `VAE.fused_params` and the benchmarks read. A new layer goes here and into that maths.
+    LAYERS = ("fc1", "fc_mu", "fc_log_std", "fc3", "fc4")
 
     def __init__(self, input_dim: int, hidden_dim: int, latent_dim: int) -> None:
         super().__init__()

@@ -7,31 +7,15 @@ The legal values of `model.likelihood` in params.yaml are this registry's names.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from vae_mlops import plugins
 from vae_mlops.likelihoods.base import ExponentialFamily, Likelihood, softplus
 
-
-def _discover() -> dict[str, Likelihood]:
-    found: dict[str, Likelihood] = {}
-    for info in pkgutil.iter_modules(__path__):
-        if info.name == "base" or info.name.startswith("_"):
-            continue
-        likelihood = importlib.import_module(f"{__name__}.{info.name}").LIKELIHOOD
-        found[likelihood.name] = likelihood
-    return dict(sorted(found.items()))
-
-
-LIKELIHOODS: dict[str, Likelihood] = _discover()
+LIKELIHOODS: dict[str, Likelihood] = plugins.discover(__name__, __path__, "LIKELIHOOD")
 
 
 def get_likelihood(name: str) -> Likelihood:
     """The registered likelihood called `name`; a clear error naming the choices otherwise."""
-    try:
-        return LIKELIHOODS[name]
-    except KeyError:
-        raise ValueError(f"unknown likelihood {name!r}: use one of {', '.join(LIKELIHOODS)}") from None
+    return plugins.pick(LIKELIHOODS, name, "likelihood")
 
 
 __all__ = ["LIKELIHOODS", "ExponentialFamily", "Likelihood", "get_likelihood", "softplus"]

@@ -1,4 +1,4 @@
-"""What a likelihood p(x|z) owns: its loss, log p(x|z) in nats, the fused step's sum and gradient, the IWAE path.
+"""What a likelihood p(x|z) owns: its loss, log p(x|z) in nats, the fused step's sum and gradient.
 
 The decoder ends in one logit per pixel, l = h W' + b with h the decoder's hidden layer.
 A likelihood turns those logits into everything the model, the training step and
@@ -8,11 +8,10 @@ the metrics need, so a new likelihood is one new module in this package.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def softplus(logits: Tensor) -> Tensor:
@@ -86,25 +85,6 @@ class Likelihood(ABC):
     def recon_grad(self, logits: Tensor, x: Tensor, grad: Tensor) -> Tensor:
         """grad * d recon_sum / d logits, (B, D): the fused step's backward, from the saved logits."""
 
-    def iwae_log_px(
-        self,
-        hidden: Callable[[Tensor], Tensor],
-        out: nn.Linear,
-        x: Tensor,
-        z: Tensor,
-        per: int,
-        mm_dtype: torch.dtype | None = None,
-    ) -> Tensor:
-        """log p(x|z) for z (k, B, L) and x (B, D) -> (k, B), `per` samples at a time.
-
-        `hidden` maps z to the decoder's hidden layer and `out` is its output layer; `mm_dtype`
-        (e.g. bfloat16) runs the output layer's matmul in another dtype, the likelihood staying in x's.
-        """
-        mm_dtype = mm_dtype or out.weight.dtype
-        w, b = out.weight.to(mm_dtype), out.bias.to(mm_dtype)
-        logits = (F.linear(hidden(zc).to(mm_dtype), w, b).to(x.dtype) for zc in z.split(per))
-        return torch.cat([self.log_prob(lc, x) for lc in logits])
-
     def __repr__(self) -> str:
         return f"<likelihood {self.name}>"
 
@@ -125,7 +105,7 @@ class ExponentialFamily(Likelihood):
         return self.log_partition(logits).sum(-1)
 
     def log_partition_sum_(self, logits: Tensor, scratch: Tensor) -> Tensor:
-        """`log_partition_sum` that may overwrite `logits` and `scratch` (same shape), buffers of the IWAE loop."""
+        """`log_partition_sum` that may overwrite `logits` and `scratch` (same shape): `accel.iwae_log_px`'s buffers."""
         return self.log_partition_sum(logits)
 
     def recon_loss(self, logits: Tensor, x: Tensor) -> Tensor:
@@ -136,46 +116,3 @@ class ExponentialFamily(Likelihood):
 
     def recon_grad(self, logits: Tensor, x: Tensor, grad: Tensor) -> Tensor:
         return self.mean(logits).sub_(x).mul_(grad)
-
-    def iwae_log_px(
-        self,
-        hidden: Callable[[Tensor], Tensor],
-        out: nn.Linear,
-        x: Tensor,
-        z: Tensor,
-        per: int,
-        mm_dtype: torch.dtype | None = None,
-    ) -> Tensor:
-        """x.l = (x W) . h + x . b with (W, b) the output layer: a (B, H) product made once.
-
-        Only A(l) needs the full logits, so each chunk costs one matmul and a few passes over its
-        output. Without autograd these are written into buffers made once for all chunks (a fresh
-        allocation that large costs page faults on every chunk) and `hidden`'s output, which must be
-        a fresh tensor, is overwritten. `mm_dtype` (e.g. bfloat16) runs that matmul in another dtype,
-        A(l) staying in x's.
-        """
-        weight, bias = out.weight, out.bias  # (D, H), (D,)
-        x_w, x_b = x @ weight, x @ bias  # (B, H), (B,)
-        mm_dtype = mm_dtype or weight.dtype
-        w_low, b_low = weight.to(mm_dtype), bias.to(mm_dtype)
-        in_place = not torch.is_grad_enabled()
-        if in_place:
-            rows = min(per, len(z)) * x.shape[0]
-            buf, scratch = (torch.empty((rows, weight.shape[0]), dtype=x.dtype, device=x.device) for _ in range(2))
-            buf_low = buf if mm_dtype == x.dtype else torch.empty(buf.shape, dtype=mm_dtype, device=x.device)
-        parts = []
-        for zc in z.split(per):
-            h = hidden(zc)  # (n, B, H)
-            h_low = h.flatten(0, 1).to(mm_dtype)
-            if not in_place:
-                logits = torch.addmm(b_low, h_low, w_low.t()).to(x.dtype)  # (n*B, D)
-                a_sum = self.log_partition_sum(logits).view(h.shape[:2])
-                parts.append((h * x_w).sum(-1) + x_b - a_sum)
-                continue
-            n = len(h_low)
-            logits = torch.addmm(b_low, h_low, w_low.t(), out=buf_low[:n])
-            if logits.dtype != x.dtype:
-                logits = buf[:n].copy_(logits)
-            a_sum = self.log_partition_sum_(logits, scratch[:n]).view(h.shape[:2])
-            parts.append(h.mul_(x_w).sum(-1).add_(x_b).sub_(a_sum))  # h is spent: its product in place
-        return torch.cat(parts)

@@ -1,8 +1,8 @@
 """A learnable mixture of K diagonal Gaussians, trained as VaDE (Jiang et al. 2017, "Variational Deep Embedding").
 
-Generative process (their section 3.1): c ~ Cat(pi), z | c ~ N(mu_c, diag(sigma_c^2)),
+Generative process, as in the paper: c ~ Cat(pi), z | c ~ N(mu_c, diag(sigma_c^2)),
 x | z ~ the model's likelihood. With the mean-field q(z, c|x) = q(z|x) q(c|x) and
-q(z|x) = N(mu~, diag(sigma~^2)) from the encoder, the ELBO (their eqs. 10-11) is
+q(z|x) = N(mu~, diag(sigma~^2)) from the encoder, the paper's ELBO for this prior is
 
   E_q[log p(x|z)]
   - 1/2 sum_c gamma_c sum_j (log sigma_cj^2 + sigma~_j^2 / sigma_cj^2 + (mu~_j - mu_cj)^2 / sigma_cj^2)
@@ -10,7 +10,7 @@ q(z|x) = N(mu~, diag(sigma~^2)) from the encoder, the ELBO (their eqs. 10-11) is
 
 (the log 2pi terms of log p(z|c) and of the entropy of q(z|x) cancel), where
 gamma_c = q(c|x) is set to the posterior of the component given the sample z, which
-maximises the ELBO in q(c|x) (their eq. 16):
+maximises the ELBO in q(c|x) (their eq. 16, in arXiv:1611.05148):
 
   q(c|x) = p(c|z) = pi_c N(z; mu_c, sigma_c^2) / sum_c' pi_c' N(z; mu_c', sigma_c'^2).
 
@@ -18,7 +18,8 @@ maximises the ELBO in q(c|x) (their eq. 16):
 The initialisation is the one the paper describes for its experiments: an autoencoder of
 the same network is trained first (`train.pretrain_epochs`) and a diagonal GMM fitted to
 its codes (scikit-learn's `GaussianMixture`) gives pi, mu_c and sigma_c (`initialise`).
-Equation numbers follow arXiv:1611.05148.
+The ELBO's terms and this initialisation are also those of the authors' code
+(github.com/slim1017/VaDE, `vae_loss` and `load_pretrain_weights`).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class GaussianMixturePrior(Prior):
 def vade_kl(
     mu: Tensor, log_std: Tensor, log_gamma: Tensor, log_pi: Tensor, mu_c: Tensor, log_std_c: Tensor
 ) -> Tensor:
-    """KL(q(z, c|x) || p(z, c)) per image in closed form given q(c|x) = exp(log_gamma) (VaDE eq. 11's last terms).
+    """KL(q(z, c|x) || p(z, c)) per image in closed form given q(c|x) = exp(log_gamma) (the ELBO's terms above).
 
     mu, log_std (B, L); log_gamma (B, K); log_pi (K,); mu_c, log_std_c (K, L).
     """

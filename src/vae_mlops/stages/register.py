@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from vae_mlops import atomic, compare, metrics, registry, snapshots, tracking
+from vae_mlops import atomic, binarize, compare, metrics, registry, snapshots, tracking
 from vae_mlops.drift import REFERENCE_ARTIFACT, Reference
 from vae_mlops.metrics import read_metrics
 from vae_mlops.params import Params
@@ -29,7 +29,8 @@ def register(params: Params, paths: Paths, run: tracking.PipelineRun) -> dict:
     model, _ = load_trained(paths, cpu)
     scores = read_metrics(paths.metrics_file)
     metrics.validate_metrics(scores, model.config.latent_dim)  # metrics.json may have been edited by hand
-    test_hash = snapshots.data_hash(params.data, paths)  # of the test split below: the snapshots' shares included
+    # of the test split below: the snapshots' shares and the binarisation included
+    test_hash = binarize.data_hash(snapshots.data_hash(params.data, paths), params.data.binarize)
     x, labels = load_test_split(params, paths, cpu)
     commit, _ = tracking.git_state(paths.root)
     candidate = registry.Candidate(
@@ -40,6 +41,7 @@ def register(params: Params, paths: Paths, run: tracking.PipelineRun) -> dict:
         git_commit=commit,
         model_sha256=atomic.sha256_file(paths.model_file),
         input_example=x[:2].numpy(),
+        binarize=params.data.binarize,
     )
 
     def rescore(vae) -> float:

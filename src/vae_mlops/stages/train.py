@@ -37,7 +37,7 @@ from vae_mlops.train import (
 log = logging.getLogger(__name__)
 
 # a change here invalidates resumable checkpoints
-CODE_FILES = ("model.py", "train.py", "step.py", "pretrain.py", "likelihoods/*.py", "archs/*.py", "priors/*.py")
+CODE_FILES = ("model.py", "train.py", "step.py", "pretrain.py", "binarize.py", "likelihoods/*.py", "archs/*.py", "priors/*.py")
 
 class RunLogger(Protocol):
     """Where the train stage reports each epoch (MLflow in production, nothing in unit tests)."""
@@ -82,6 +82,7 @@ def checkpoint_key(params: Params, data_hash: str, device: torch.device, world_s
         "device": device.type,
         "world_size": world_size,
         "data_hash": data_hash,
+        "binarize": params.data.binarize,  # the same data, drawn binary or not, trains another model
         "code": code_hash(),
     }
     return checkpoint.run_key(identity)
@@ -215,7 +216,7 @@ def _train(params: Params, paths: Paths, logger: RunLogger | None, device: torch
             device.type, world.world_size, len(td.x_train), len(td.x_val), cfg.batch_size * world.world_size, key,
         )  # fmt: skip
     resumed_at = state.epoch
-    history = fit(state, td.x_train, td.x_val, cfg, params.model.likelihood, on_epoch, world)
+    history = fit(state, td.x_train, td.x_val, cfg, params.model.likelihood, on_epoch, world, params.data.binarize)
     _check_replicas(state, world)
     if world.is_main:
         if not paths.history_file.exists() or ckpt is not None:

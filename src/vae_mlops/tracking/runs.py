@@ -23,7 +23,6 @@ import mlflow.data
 import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.environment_variables import MLFLOW_RUN_CONTEXT
-from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from torch import Tensor
 
 from vae_mlops import atomic
@@ -32,6 +31,7 @@ from vae_mlops.params import Params
 from vae_mlops.paths import Paths
 from vae_mlops.precision import resolve_precision
 from vae_mlops.provenance import git_state
+from vae_mlops.tracking.mlflow_internals import start_system_metrics, stop_system_metrics
 from vae_mlops.tracking.store import (
     TrackingError,
     check_reachable,
@@ -343,7 +343,7 @@ def train_run(params: Params, paths: Paths, device: str, manifest: dict) -> Iter
         yield None
         return
     logger = MlflowRunLogger(start_run(params, paths, device, manifest))
-    monitor = start_system_metrics(logger.run)
+    monitor = start_system_metrics(logger.run.run_id, logger.run.uri, SYSTEM_METRICS_INTERVAL_S)
     try:
         yield logger
     except BaseException:
@@ -354,29 +354,3 @@ def train_run(params: Params, paths: Paths, device: str, manifest: dict) -> Iter
         raise
     stop_system_metrics(monitor, last_sample=logger.failure is None)  # a lost store gets no more calls
     logger.finish(paths)
-
-
-def start_system_metrics(run: PipelineRun):
-    """MLflow's system metrics monitor (CPU, memory, disk, network, GPU) on the run while training; None if it fails."""
-    try:
-        monitor = SystemMetricsMonitor(run.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=run.uri)
-        monitor.start()
-    except Exception as exc:  # figures about the machine are worth no failed training
-        log.warning("system metrics are not logged: %s: %s", type(exc).__name__, exc)
-        return None
-    return monitor
-
-
-def stop_system_metrics(monitor, last_sample: bool = True) -> None:
-    """Stop the monitor and log a last sample, so a run shorter than the sampling interval has one too."""
-    if monitor is None:
-        return
-    try:
-        monitor.finish()
-        if not last_sample:
-            return
-        monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
-    except Exception as exc:
-        log.warning("the last system metrics sample was not logged: %s: %s", type(exc).__name__, exc)
