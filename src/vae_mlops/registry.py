@@ -168,22 +168,8 @@ def decide(
             f"not compared: champion v{champion.version} was evaluated on {champion.dataset!r}, this version "
             f"on {dataset!r}; the champion stays (use one register.model_name per dataset)"
         )
-    if champion.binarize != binarize and not comparable(metric, likelihood, champion, binarize):
-        across = ", ".join(k for k, m in CATALOGUE.items() if m.direction and not m.per_likelihood)
-        return False, (
-            f"not compared: {metric} is a log-likelihood of the test pixels, comparable only between models of one "
-            f"data.binarize; champion v{champion.version} is data.binarize={champion.binarize}, this version "
-            f"data.binarize={binarize}. The champion stays: to gate across binarisations set register.metric to one "
-            f"that compares across them ({across}), or register each under its own register.model_name"
-        )
     if not comparable(metric, likelihood, champion, binarize):
-        across = ", ".join(k for k, m in CATALOGUE.items() if m.direction and not m.per_likelihood)
-        return False, (
-            f"not compared: {metric} is a density under each model's own likelihood, comparable only within one; "
-            f"champion v{champion.version} is {champion.likelihood or 'of an unrecorded likelihood'}, this version "
-            f"{likelihood}. The champion stays: to gate across likelihoods set register.metric to one that compares "
-            f"across them ({across}), or register each likelihood under its own register.model_name"
-        )
+        return False, _not_compared(metric, likelihood, binarize, champion)
     assert champion.value is not None
     gain = champion.value - value if lower else value - champion.value
     way = "lower" if lower else "higher"
@@ -195,6 +181,22 @@ def decide(
         return False, f"{versus}: better by only {gain:.4f} < min_delta {min_delta}; the champion stays"
     return False, f"{versus}: {'no better' if gain == 0 else f'worse by {-gain:.4f}'}; the champion stays"
 
+
+
+def _not_compared(metric: str, likelihood: str | None, binarize: str, champion: Champion) -> str:
+    """Why `decide` leaves a likelihood-dependent metric uncompared with this champion, and what to do instead."""
+    across = ", ".join(k for k, m in CATALOGUE.items() if m.direction and not m.per_likelihood)
+    if champion.binarize != binarize:
+        what = "a log-likelihood of the test pixels, comparable only between models of one data.binarize"
+        theirs, ours, kinds = f"data.binarize={champion.binarize}", f"data.binarize={binarize}", "binarisations"
+    else:
+        what = "a density under each model's own likelihood, comparable only within one"
+        theirs, ours, kinds = champion.likelihood or "of an unrecorded likelihood", likelihood, "likelihoods"
+    return (
+        f"not compared: {metric} is {what}; champion v{champion.version} is {theirs}, this version {ours}. "
+        f"The champion stays: to gate across {kinds} set register.metric to one that compares across them "
+        f"({across}), or register each under its own register.model_name"
+    )
 
 # ---------------------------------------------------------------- the lock
 
