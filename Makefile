@@ -21,10 +21,10 @@ endif
 export VAE_DATA_MIRROR
 endif
 # The values `make help` shows in place of their $(NAME)
-HELP_VARS = PYTHON UI_PORT MODEL_PORT MODEL_NAME NPROC JOBS LOOP_EPOCHS BURDA_EPOCHS
+HELP_VARS = PYTHON UI_PORT MODEL_PORT MODEL_NAME NPROC JOBS LOOP_EPOCHS BURDA_EPOCHS VADE_CONV_EPOCHS
 
 .DEFAULT_GOAL := help
-.PHONY: loop-demo help setup pipeline test bench ui history compare train-ddp flow serve clean tutorial pytorch-example vade conv burda sweep services services-stop serve-model bench-serve monitor
+.PHONY: loop-demo help setup pipeline test bench ui history compare train-ddp flow serve clean tutorial pytorch-example vade vade-conv conv burda sweep services services-stop serve-model bench-serve monitor
 .PHONY: postgresql chromium stack stack-stop scheduler rollback
 
 help: ## list the targets
@@ -186,6 +186,16 @@ vade: setup ## VaDE as a DVC experiment: mlp-deep 500-500-2000, latent 10, gmm p
 		-S train.batch_size=100 -S train.lr=$(VADE_LR) -S train.lr_decay=$(VADE_LR_DECAY) \
 		-S train.lr_decay_epochs=$(VADE_LR_DECAY_EPOCHS) -S train.pretrain_epochs=$(VADE_PRETRAIN_EPOCHS) \
 		-S train.epochs=$(VADE_EPOCHS) -S train.seed=$(VADE_SEED) -S train.image_every=10 -S evaluate.latent_map=tsne
+
+# VaDE's mixture prior on the convolutional network: the same schedule as `make vade`, another encoder and decoder
+VADE_CONV_EPOCHS ?= 100
+
+vade-conv: setup ## VaDE's gmm prior (10 components, latent 10) on the conv network, $(VADE_CONV_EPOCHS) epochs (docs/models.md)
+	dvc exp run -S model.arch=conv -S model.hidden_dim=256 -S model.latent_dim=10 -S model.likelihood=bernoulli \
+		-S model.prior=gmm -S model.n_components=10 -S train.batch_size=100 -S train.lr=$(VADE_LR) \
+		-S train.lr_decay=$(VADE_LR_DECAY) -S train.lr_decay_epochs=$(VADE_LR_DECAY_EPOCHS) \
+		-S train.pretrain_epochs=$(VADE_PRETRAIN_EPOCHS) -S train.epochs=$(VADE_CONV_EPOCHS) -S train.seed=$(VADE_SEED) \
+		-S train.image_every=10 -S evaluate.latent_map=tsne
 
 conv: setup ## the convolutional VAE as a DVC experiment: 2 conv layers + 256 dense, latent 20, bernoulli, 20 epochs
 	dvc exp run -S model.arch=conv -S model.hidden_dim=256 -S model.latent_dim=20 -S model.likelihood=bernoulli \

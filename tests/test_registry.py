@@ -187,16 +187,25 @@ def test_versions_are_tagged_with_their_likelihood():
     assert registry.version_tags(_candidate(1.0, likelihood="gaussian"))[registry.TAG_LIKELIHOOD] == "gaussian"
 
 
-def test_a_champion_of_another_likelihood_is_not_compared_nor_rescored_and_the_decision_is_logged(store):
-    _submit(store, "likelihoods", _candidate(100.0, data_hash="old"))
-    d = _submit(store, "likelihoods", _candidate(1.0, data_hash="new", likelihood="gaussian"))  # _no_rescore
+@pytest.mark.parametrize(
+    ("other", "why"),
+    [
+        ({"likelihood": "gaussian"}, "champion v1 is bernoulli, this version gaussian"),
+        ({"binarize": "dynamic"}, "champion v1 is data.binarize=none, this version data.binarize=dynamic"),
+    ],
+)
+def test_a_champion_of_another_kind_is_not_compared_nor_rescored_and_the_decision_is_logged(store, other, why):
+    """Another likelihood or another binarisation: a log-likelihood is not compared, whatever its value."""
+    name = f"other-{next(iter(other))}"
+    _submit(store, name, _candidate(100.0, data_hash="old"))
+    d = _submit(store, name, _candidate(1.0, data_hash="new", **other))  # _no_rescore
     assert (d.alias, d.decision, d.champion_value) == ("challenger", "not promoted", None)
-    assert (d.likelihood, d.champion_likelihood) == ("gaussian", "bernoulli")
-    assert d.reason.startswith("not compared: test.nll_iwae") and "register.model_name" in d.reason
-    assert _aliases(store, "likelihoods")["champion"] == "1"
-    logged = [r for r in registry.read_log(store.log) if r["model_name"] == "likelihoods"]
+    assert (d.likelihood, d.champion_likelihood) == (other.get("likelihood", "bernoulli"), "bernoulli")
+    assert d.reason.startswith("not compared: test.nll_iwae") and why in d.reason and "register.model_name" in d.reason
+    assert _aliases(store, name)["champion"] == "1"
+    logged = [r for r in registry.read_log(store.log) if r["model_name"] == name]
     assert [r["decision"] for r in logged] == ["promoted", "not promoted"] and logged[1]["reason"] == d.reason
-    assert registry.registry_history(tracking.ModelRegistry("likelihoods", store.uri))[1] == logged[1]
+    assert registry.registry_history(tracking.ModelRegistry(name, store.uri))[1] == logged[1]
 
 
 def test_across_likelihoods_gate_on_a_metric_that_compares_across_them(store):
@@ -226,14 +235,6 @@ def test_a_metric_that_compares_across_binarisations_is_compared():
 
 def test_versions_are_tagged_with_their_binarisation():
     assert registry.version_tags(_candidate(1.0, binarize="dynamic"))[registry.TAG_BINARIZE] == "dynamic"
-
-
-def test_a_champion_of_another_binarisation_is_not_compared_nor_rescored(store):
-    _submit(store, "binarised", _candidate(100.0, data_hash="grey"))
-    d = _submit(store, "binarised", _candidate(1.0, data_hash="binary", binarize="dynamic"))  # _no_rescore
-    assert (d.alias, d.decision, d.champion_value) == ("challenger", "not promoted", None)
-    assert d.reason.startswith("not compared: test.nll_iwae") and "data.binarize=none" in d.reason
-    assert _aliases(store, "binarised")["champion"] == "1"
 
 
 def test_a_champion_without_a_binarisation_record_trained_on_grey_values(store):

@@ -5,9 +5,9 @@ always-black border pixels, the rows of a dead ReLU unit) shrinks by beta1 = 0.9
 step. About 800 steps later (two epochs at batch 128) it falls below float32's smallest
 normal number, 1.2e-38, and it never leaves: 0.9 times 4 units of the last place rounds back
 to 4 units, so it stops there instead of reaching zero. x86 CPUs take a slow
-microcode assist on every such operand: an epoch of MNIST went from 1.03 to 1.3 s from the
-third epoch on (BENCHMARKS.md, 2026-12-02), the slow "phases" seen before from one epoch to
-the next. Flushing them to zero (the FTZ and DAZ bits) moves an update by less than 1e-30.
+microcode assist on every such operand, which makes epochs from the third on about a quarter
+slower (BENCHMARKS.md has the figures). Flushing them to zero (the FTZ and DAZ bits) moves an
+update by less than 1e-30.
 
 The bits belong to each thread, and `torch.set_flush_denormal` sets only the calling one's:
 torch's intra-op threads (an OpenMP pool, made at the first parallel op) keep theirs. So the
