@@ -172,10 +172,13 @@ pytorch-example: setup ## the PyTorch example's setting as a DVC experiment: 784
 	dvc exp run -S model.hidden_dim=400 -S model.latent_dim=20 -S model.likelihood=bernoulli \
 		-S train.batch_size=128 -S train.lr=0.001 -S train.epochs=10
 
-# VaDE (Jiang et al. 2017): their network, batch and schedule; override any of these, e.g. `make vade VADE_EPOCHS=50`
-VADE_EPOCHS ?= 300
-VADE_PRETRAIN_EPOCHS ?= 10
-VADE_LR ?= 0.002
+# VaDE (Jiang et al. 2017): their network and batch; a 25-epoch autoencoder whose codes N2D's UMAP grouping
+# (code_partition.py) splits into the mixture's start, then VaDE at a gentler lr than the paper's 0.002 (docs/models.md).
+# Override any of these, e.g. `make vade VADE_EPOCHS=20 VADE_SEED=1`
+VADE_EPOCHS ?= 50
+VADE_PRETRAIN_EPOCHS ?= 25
+VADE_PARTITION ?= umap
+VADE_LR ?= 0.0005
 VADE_LR_DECAY ?= 0.9
 VADE_LR_DECAY_EPOCHS ?= 10
 VADE_SEED ?= 42
@@ -185,16 +188,19 @@ vade: setup ## VaDE as a DVC experiment: mlp-deep 500-500-2000, latent 10, gmm p
 		-S model.likelihood=bernoulli -S model.prior=gmm -S model.n_components=10 \
 		-S train.batch_size=100 -S train.lr=$(VADE_LR) -S train.lr_decay=$(VADE_LR_DECAY) \
 		-S train.lr_decay_epochs=$(VADE_LR_DECAY_EPOCHS) -S train.pretrain_epochs=$(VADE_PRETRAIN_EPOCHS) \
-		-S train.epochs=$(VADE_EPOCHS) -S train.seed=$(VADE_SEED) -S train.image_every=10 -S evaluate.latent_map=tsne
+		-S train.pretrain_partition=$(VADE_PARTITION) -S train.epochs=$(VADE_EPOCHS) -S train.seed=$(VADE_SEED) \
+		-S train.image_every=10 -S evaluate.latent_map=tsne
 
-# VaDE's mixture prior on the convolutional network: the same schedule as `make vade`, another encoder and decoder
+# VaDE's mixture prior on the convolutional network: the paper's lr schedule, k-means' start, another encoder and decoder
 VADE_CONV_EPOCHS ?= 100
+VADE_CONV_LR ?= 0.002
+VADE_CONV_PRETRAIN_EPOCHS ?= 10
 
 vade-conv: setup ## VaDE's gmm prior (10 components, latent 10) on the conv network, $(VADE_CONV_EPOCHS) epochs (docs/models.md)
 	dvc exp run -S model.arch=conv -S model.hidden_dim=256 -S model.latent_dim=10 -S model.likelihood=bernoulli \
-		-S model.prior=gmm -S model.n_components=10 -S train.batch_size=100 -S train.lr=$(VADE_LR) \
+		-S model.prior=gmm -S model.n_components=10 -S train.batch_size=100 -S train.lr=$(VADE_CONV_LR) \
 		-S train.lr_decay=$(VADE_LR_DECAY) -S train.lr_decay_epochs=$(VADE_LR_DECAY_EPOCHS) \
-		-S train.pretrain_epochs=$(VADE_PRETRAIN_EPOCHS) -S train.epochs=$(VADE_CONV_EPOCHS) -S train.seed=$(VADE_SEED) \
+		-S train.pretrain_epochs=$(VADE_CONV_PRETRAIN_EPOCHS) -S train.epochs=$(VADE_CONV_EPOCHS) -S train.seed=$(VADE_SEED) \
 		-S train.image_every=10 -S evaluate.latent_map=tsne
 
 conv: setup ## the convolutional VAE as a DVC experiment: 2 conv layers + 256 dense, latent 20, bernoulli, 20 epochs

@@ -44,7 +44,7 @@ WINGS: list[tuple[str, str, int]] = [
         r"vae_mlops(\.(__init__|params|paths|errors|atomic|ports|cli_args|data|datasets|snapshots|incoming"
         r"|model|likelihoods|archs|priors|accel|train|step|metrics|metric_catalogue|images|checkpoint"
         r"|denormals|distributed|host_memory|precision|drift|provenance|progress|pretrain|scores|inference_log"
-        r"|loop_report|html_page|collect|stage_inputs|plugins|locks|binarize)(\..*)?)?",
+        r"|loop_report|html_page|collect|stage_inputs|plugins|locks|binarize|code_partition)(\..*)?)?",
         CORE,
         0,
     ),

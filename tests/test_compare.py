@@ -206,6 +206,15 @@ def test_a_run_whose_model_cannot_be_drawn_shows_the_pictures_its_evaluate_stage
     assert "the run logged no latent map" in html
 
 
+def test_a_loaded_model_is_drawn_here_so_its_runs_logged_pictures_are_not_fetched(store, tmp_path):
+    reader = tracking.RunReader(store)
+    run_id = _run(reader.client, {"dvc.experiment": "new-vade"})
+    _log_evaluate_pictures(reader.client, run_id, tmp_path, {"latent_map.png": compare.PNG_SIGNATURE + b"logged"})
+    ref = compare.Ref(run_id, "new-vade", None)
+    assert compare.load_side(reader, ref, _mixture_side("vade", 4).model).logged == {}
+    assert compare.load_side(reader, ref).logged == {"latent": compare.PNG_SIGNATURE + b"logged"}
+
+
 def test_run_names_are_escaped(split, tmp_path):
     side = _side("<script>alert(1)</script>", 2, 95.0, 3)
     html = compare.render_html(compare.build(side, None, None, None, CFG))

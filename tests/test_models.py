@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,11 +20,13 @@ from torch.distributions import Normal
 from tests.support.project import tiny_raw_params
 from vae_mlops import checkpoint
 from vae_mlops.archs import ARCHS
+from vae_mlops.code_partition import partition_codes
 from vae_mlops.metric_catalogue import MIXTURE_METRIC_KEYS, METRIC_KEYS
 from vae_mlops.model import VAE, VAEConfig, elbo, iwae_log_likelihood, kl_divergence, reparameterize
 from vae_mlops.model_store import vae_from_files
-from vae_mlops.params import ParamsError, parse_params
+from vae_mlops.params import PARTITIONS, ParamsError, parse_params
 from vae_mlops.priors import PRIORS
+from vae_mlops.pretrain import glorot_initialise
 from vae_mlops.priors.gmm import GaussianMixturePrior, vade_kl
 from vae_mlops.step import ELBOSums
 
@@ -94,12 +99,13 @@ def test_vade_kl_of_a_mixture_of_identical_standard_normals_is_the_standard_kl()
     torch.testing.assert_close(vade_kl(mu, log_std, log_half, log_half[0], zeros, zeros), kl_divergence(mu, log_std))
 
 
-def test_gmm_initialise_takes_the_fitted_mixture_of_the_codes():
+@pytest.mark.parametrize("method", PARTITIONS)
+def test_gmm_initialise_takes_the_fitted_mixture_of_the_grouped_codes(method):
     g = torch.Generator().manual_seed(5)
     centres = torch.tensor([[-6.0, 0.0], [0.0, 6.0], [6.0, 0.0]])
     codes = (centres[torch.arange(300) % 3] + 0.5 * torch.randn(300, 2, generator=g)).double()
     prior = GaussianMixturePrior(config(prior="gmm")).double()
-    prior.initialise(codes, seed=0)
+    prior.initialise(codes, torch.from_numpy(partition_codes(codes.numpy(), 3, method, seed=0)))
     found = prior.mu.detach()[prior.mu.detach()[:, 0].argsort()]
     torch.testing.assert_close(found, centres.double()[centres[:, 0].argsort()], atol=0.2, rtol=0)
     torch.testing.assert_close(torch.softmax(prior.logits.detach(), -1), torch.full((3,), 1 / 3).double(), atol=0.02,
@@ -237,6 +243,23 @@ def test_params_name_what_is_wrong_with_the_model_choice(tiny_mirror, overrides,
         parse_params(tiny_raw_params(**overrides))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pretraining_starts_from_seeded_glorot_uniform_weights_and_zero_biases(arch):
+    models = [VAE(config(arch, "gmm")) for _ in range(2)]
+    for model in models:
+        glorot_initialise(model, seed=3)
+    first, second = ({k: v for k, v in m.state_dict().items() if not k.startswith("prior.")} for m in models)
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the seed alone decides the network's
+    kinds = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    layers = [m for m in models[0].modules() if isinstance(m, kinds)]
+    assert layers
+    for layer in layers:
+        w = layer.weight  # (out, in, *kernel); a transposed convolution's (in, out, *kernel): the same sum
+        bound = math.sqrt(6 / ((w.shape[0] + w.shape[1]) * w[0, 0].numel()))  # Glorot: sqrt(6 / (fan_in + fan_out))
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+        assert layer.bias is None or not layer.bias.any()
+
+
 # ---------------------------------------------------------------- a tiny VaDE, end to end
 
 
@@ -249,7 +272,8 @@ def test_tiny_vade_trains_resumes_and_evaluates_with_its_own_clusters_and_pictur
     from vae_mlops.train import learning_rate
 
     overrides = {"model.arch": "mlp-deep", "model.hidden_dims": [48, 32], "model.prior": "gmm",
-                 "model.n_components": 4, "train.pretrain_epochs": 2, "train.lr_decay": 0.5,
+                 "model.n_components": 4, "train.pretrain_epochs": 2, "train.pretrain_partition": "umap",
+                 "train.pretrain_batch_size": 64, "train.lr_decay": 0.5,
                  "train.lr_decay_epochs": 1, "evaluate.latent_map": "tsne"}  # fmt: skip
     params = parse_params(tiny_raw_params(**overrides))
     paths = Paths(tmp_path / "proj")
@@ -269,3 +293,19 @@ def test_tiny_vade_trains_resumes_and_evaluates_with_its_own_clusters_and_pictur
     assert 0.0 <= scores["latent.mixture_accuracy"] <= 1.0 and 0.0 <= scores["latent.probe_accuracy"] <= 1.0
     written = {p.name for p in paths.eval_images_dir.iterdir()}
     assert {"cluster_samples.png", "cluster_confusion.png", "latent_map.png"} <= written
+
+
+@pytest.mark.slow  # a fresh interpreter compiles UMAP's numba kernels: about half a minute
+def test_the_umap_partition_leaves_torchs_thread_count_as_it_found_it():
+    # A fresh interpreter: numba sets OpenMP's thread count when its first parallel kernel starts its pool.
+    script = (
+        "import numpy as np, torch\n"
+        "from vae_mlops.code_partition import partition_codes\n"
+        "torch.set_num_threads(1)\n"
+        "partition_codes(np.random.default_rng(0).normal(size=(300, 4)), 3, 'umap', seed=0)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "1"  # numba's pool set it to the machine's cores

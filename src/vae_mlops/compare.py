@@ -228,7 +228,10 @@ def resolve(reader: tracking.RunReader, ref: str) -> Ref:
 
 
 def load_side(reader: tracking.RunReader, ref: Ref, model: VAE | None = None) -> Side:
-    """The run's metrics, params, loss history and model (`model` when the caller holds it already)."""
+    """The run's metrics, params, loss history and model (`model` when the caller holds it already).
+
+    The pictures its evaluate stage logged are fetched only when its model is not loaded: a loaded one's are drawn.
+    """
     run = reader.run(ref.run_id)
     if run is None:
         raise CompareError(f"MLflow run {ref.run_id} ({ref.label}) is not in {reader.uri}")
@@ -243,7 +246,7 @@ def load_side(reader: tracking.RunReader, ref: Ref, model: VAE | None = None) ->
     if model is not None:
         model = model.to("cpu").eval()
     history = {k: reader.history(ref.run_id, k) for k in LOSS_KEYS}
-    logged = logged_pictures(reader, ref.run_id)
+    logged = logged_pictures(reader, ref.run_id) if model is None else {}  # a loaded model's are drawn here
     return Side(ref, run, model, note, {k: v for k, v in history.items() if v}, logged)
 
 
@@ -502,6 +505,10 @@ def compare_runs(ref_a: str, ref_b: str, uri: str, paths: Paths, cfg: EvaluatePa
             notes.append(f"the promotion decision shown is the one {b.label} got against champion "
                          f"v{gate['champion_version']}, not a comparison with {a.label}")  # fmt: skip
     split, why = load_test_split(candidate.run.tags.get(tracking.TAG_DATASET, dataset), paths)
+    if split is None:  # without the test split only samples are drawn here: the runs' logged pictures stand in
+        for side in (baseline, candidate):
+            if side.model is not None:
+                side.logged = logged_pictures(reader, side.ref.run_id)
     report = build(candidate, baseline, gate, split, cfg, notes + ([why] if why else []))
     out_dir = Path(out_dir)
     return write(report, out_dir / paths.compare_html.name, out_dir / paths.compare_md.name)

@@ -35,6 +35,7 @@ ARCHS = plugin_names("vae_mlops.archs")
 PRIORS = plugin_names("vae_mlops.priors")
 DEVICES = ("auto", "cpu", "cuda")
 LATENT_MAPS = ("pca", "tsne")
+PARTITIONS = ("kmeans", "umap")  # train.pretrain_partition: how vae_mlops.code_partition groups the codes
 SNAPSHOT_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")  # a snapshot of recorded traffic: <UTC time>-<sha256 prefix>
 
 
@@ -161,6 +162,9 @@ class TrainParams:
     distributed: Bool
     nproc: PositiveInt  # processes on this node; > 1: `python -m vae_mlops train` relaunches itself under torchrun
     pretrain_epochs: NonNegativeInt  # autoencoder epochs before training, then the prior is fitted to its codes
+    pretrain_partition: Annotated[str, Strict(), _rule(_one_of(*PARTITIONS))]  # how the codes are grouped first
+    pretrain_lr: PositiveFloat  # Adam's for the autoencoder epochs
+    pretrain_batch_size: PositiveInt  # of the autoencoder epochs
     lr_decay: Annotated[float, Strict(), Field(gt=0, le=1)]  # lr times this every `lr_decay_epochs` epochs
     lr_decay_epochs: PositiveInt
 

@@ -64,6 +64,11 @@ def load_test_split(params: Params, paths: Paths, device: torch.device) -> tuple
     return binarize.fixed_images(to_unit_float(images_u8, device), params.data.binarize, "test"), labels
 
 
+def test_data_hash(params: Params, paths: Paths) -> str:
+    """The identity of what `load_test_split` returns: the dataset, the named snapshots' shares and the binarisation."""
+    return binarize.data_hash(snapshots.data_hash(params.data, paths), params.data.binarize)
+
+
 def load_probe_split(params: Params, paths: Paths, device: torch.device) -> tuple[Tensor, Tensor]:
     """The dataset's labelled training split, float32 on the device (binarised as the test split), and its labels:
     what the linear probe fits."""

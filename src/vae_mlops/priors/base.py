@@ -55,8 +55,11 @@ class Prior(nn.Module, ABC):
         """q(c|x) for a mixture prior, (..., K) summing to 1; only priors with `n_components` > 0 have it."""
         raise NotImplementedError(f"the {self.name} prior has no components")
 
-    def initialise(self, codes: Tensor, seed: int) -> None:
-        """Fit the prior to an autoencoder's codes (N, L) before training; a fixed prior has nothing to fit."""
+    def initialise(self, codes: Tensor, groups: Tensor | None) -> None:
+        """Fit the prior to an autoencoder's codes (N, L) before training; a fixed prior has nothing to fit.
+
+        `groups` (N,) puts each code in one of `n_components` clusters (`code_partition`); None for a prior without.
+        """
 
     def __repr__(self) -> str:
         return f"<prior {self.name}>"

@@ -17,8 +17,8 @@ maximises the ELBO in q(c|x) (their eq. 16, in arXiv:1611.05148):
 `kl` returns the negative of everything after E_q[log p(x|z)]: KL(q(z, c|x) || p(z, c)).
 The initialisation is the one the paper describes for its experiments: an autoencoder of
 the same network is trained first (`train.pretrain_epochs`) and a diagonal GMM fitted to
-its codes (scikit-learn's `GaussianMixture`) gives pi, mu_c and sigma_c (`initialise`).
-The ELBO's terms and this initialisation are also those of the authors' code
+its codes gives pi, mu_c and sigma_c (`initialise`, on the codes' groups: `code_partition`).
+The ELBO's terms and the pretrained initialisation are also those of the authors' code
 (github.com/slim1017/VaDE, `vae_loss` and `load_pretrain_weights`).
 """
 
@@ -27,12 +27,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.mixture import GaussianMixture
 from torch import Tensor, nn
 
 from vae_mlops.priors.base import Prior, PriorConfig, log_normal
 
-GMM_INIT_RESTARTS = 5  # GaussianMixture's n_init: the best of this many EM runs initialises the prior
+VARIANCE_FLOOR = 1e-6  # added to each component's variance, as scikit-learn's reg_covar: no zero width
 
 
 class GaussianMixturePrior(Prior):
@@ -75,14 +74,24 @@ class GaussianMixturePrior(Prior):
         return self.mu[c] + eps * self.log_std[c].exp()
 
     @torch.no_grad()
-    def initialise(self, codes: Tensor, seed: int) -> None:
-        """pi, mu_c, sigma_c from a diagonal GMM fitted to the autoencoder's codes (N, L)."""
-        gmm = GaussianMixture(
-            self.n_components, covariance_type="diag", n_init=GMM_INIT_RESTARTS, random_state=seed
-        ).fit(codes.detach().cpu().double().numpy())
-        self.logits.copy_(torch.from_numpy(np.log(gmm.weights_)))
-        self.mu.copy_(torch.from_numpy(gmm.means_))
-        self.log_std.copy_(torch.from_numpy(0.5 * np.log(gmm.covariances_)))
+    def initialise(self, codes: Tensor, groups: Tensor | None) -> None:
+        """pi, mu_c, sigma_c: the diagonal GMM fitted to the autoencoder's codes (N, L) given their groups (N,).
+
+        Each component takes the share, mean and per-dimension variance of one group: the maximum-likelihood
+        GMM given hard assignments. EM from there (scikit-learn's `GaussianMixture`) would raise the codes'
+        likelihood but loses how well the components hold the digits: 0.04 to 0.07 accuracy on the k-means
+        groups of 20- to 30-epoch autoencoders' codes (docs/models.md).
+        """
+        if groups is None:
+            raise ValueError("the gmm prior is initialised from grouped codes: pass one group per code")
+        points = codes.detach().cpu().double().numpy()
+        resp = np.eye(self.n_components)[groups.cpu().numpy()]  # (N, K) hard responsibilities
+        counts = resp.sum(0) + 10 * np.finfo(float).eps  # as scikit-learn's M-step: an empty group divides by no 0
+        means = resp.T @ points / counts[:, None]
+        variances = resp.T @ points**2 / counts[:, None] - means**2
+        self.logits.copy_(torch.from_numpy(np.log(counts / counts.sum())))
+        self.mu.copy_(torch.from_numpy(means))
+        self.log_std.copy_(torch.from_numpy(0.5 * np.log(np.maximum(variances, 0) + VARIANCE_FLOOR)))
 
 
 def vade_kl(

@@ -7,9 +7,9 @@ import logging
 import time
 
 
-from vae_mlops import atomic, binarize, host_memory, images, metrics, snapshots
+from vae_mlops import atomic, host_memory, images, metrics
 from vae_mlops.params import Params
-from vae_mlops.stage_inputs import load_probe_split, load_test_split, load_trained
+from vae_mlops.stage_inputs import load_probe_split, load_test_split, load_trained, test_data_hash
 from vae_mlops.paths import Paths
 from vae_mlops.tracking import PipelineRun
 from vae_mlops.train import resolve_device
@@ -45,9 +45,7 @@ def evaluate(params: Params, paths: Paths, run: PipelineRun | None = None) -> di
             scores["latent.probe_accuracy"],
         )  # fmt: skip
     if run is not None:
-        # the data scored now, snapshots and binarisation included
-        test_hash = binarize.data_hash(snapshots.data_hash(params.data, paths), params.data.binarize)
-        run.log_datasets({"test": (x, labels)}, params.data.dataset, test_hash)
+        run.log_datasets({"test": (x, labels)}, params.data.dataset, test_data_hash(params, paths))
         run.log_metrics(scores)
         run.log_metrics({"evaluate/seconds": seconds})
         run.log_files(pictures, "evaluate")

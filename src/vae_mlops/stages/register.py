@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from vae_mlops import atomic, binarize, compare, metrics, registry, snapshots, tracking
+from vae_mlops import atomic, compare, metrics, registry, tracking
 from vae_mlops.drift import REFERENCE_ARTIFACT, Reference
 from vae_mlops.metrics import read_metrics
 from vae_mlops.params import Params
 from vae_mlops.paths import Paths
 from vae_mlops.scores import served_scores
-from vae_mlops.stage_inputs import load_test_split, load_train_data, load_trained
+from vae_mlops.stage_inputs import load_test_split, load_train_data, load_trained, test_data_hash
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,7 @@ def register(params: Params, paths: Paths, run: tracking.PipelineRun) -> dict:
     model, _ = load_trained(paths, cpu)
     scores = read_metrics(paths.metrics_file)
     metrics.validate_metrics(scores, model.config.latent_dim)  # metrics.json may have been edited by hand
-    # of the test split below: the snapshots' shares and the binarisation included
-    test_hash = binarize.data_hash(snapshots.data_hash(params.data, paths), params.data.binarize)
+    test_hash = test_data_hash(params, paths)
     x, labels = load_test_split(params, paths, cpu)
     commit, _ = tracking.git_state(paths.root)
     candidate = registry.Candidate(
