@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import umap
 from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
@@ -35,6 +34,8 @@ def partition_codes(codes: np.ndarray, n_groups: int, method: str, seed: int) ->
     if method == "kmeans":
         return KMeans(n_groups, n_init=KMEANS_RESTARTS, random_state=seed).fit_predict(codes)
     if method == "umap":
+        import umap  # with numba, 0.75 s: only a run that groups by UMAP pays it (tests/test_architecture.py)
+
         threads = torch.get_num_threads()
         try:
             embedded = umap.UMAP(
